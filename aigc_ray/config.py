@@ -1,0 +1,276 @@
+"""Typed configuration: one object travels CLI -> Train -> Tune -> checkpoint -> Serve.
+
+Each dataclass validates itself in ``__post_init__`` so a bad value fails where it is
+written, with a message naming the field. ``ExperimentConfig.to_dict``/``from_dict`` are
+the only serialisation; YAML files and checkpoints both go through them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+MODEL_FAMILIES = ("dcgan", "wgan-gp", "vae", "ae", "seed-recipe")
+GAN_FAMILIES = ("dcgan", "wgan-gp", "seed-recipe")
+VALID_IMAGE_SIZES = (8, 16, 32, 64, 128)
+
+
+class ConfigError(ValueError):
+    """A configuration value is wrong; the message names the field."""
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "digits"
+    """Source: digits | shapes | mnist | fashion-mnist | cifar10 | folder:PATH | parquet:PATH
+    (a directory written by ``aigc-ray prepare``)."""
+    data_root: str = "~/.cache/aigc-ray"
+    """Where torchvision datasets live and where prepared Parquet copies are cached."""
+    download: bool = False
+    """Allow torchvision sources to download into ``data_root`` (needs network)."""
+    image_size: int = 16
+    """Side length in pixels after preparation; a power of two from 8 to 128."""
+    channels: int = 1
+    """1 (grey) or 3 (RGB) after preparation."""
+    num_shapes: int = 4096
+    """How many images the procedural ``shapes`` source draws."""
+    random_crop: bool = True
+    """Augment with a random translation of up to 1/8 of the side (a pad-and-crop)."""
+    rotation_degrees: float = 10.0
+    """Augment with a random rotation in [-d, d] degrees; 0 turns it off."""
+    scale_range: float = 0.1
+    """Augment with a random zoom in [1-s, 1+s]; 0 turns it off."""
+    horizontal_flip: bool = False
+    """Augment with a random left-right flip (off by default: flipped digits are not digits)."""
+    cache_in_memory_mb: int = 512
+    """A worker's shard smaller than this is decoded once and kept in memory (on the
+    training device) for later epochs instead of being re-read through Ray Data."""
+
+    def __post_init__(self) -> None:
+        _check(self.image_size in VALID_IMAGE_SIZES,
+               f"data.image_size={self.image_size} is not supported; use one of {VALID_IMAGE_SIZES}")
+        _check(self.channels in (1, 3), f"data.channels={self.channels} must be 1 or 3")
+        _check(self.num_shapes > 0, "data.num_shapes must be positive")
+        _check(0 <= self.rotation_degrees <= 180, "data.rotation_degrees must be in [0, 180]")
+        _check(0 <= self.scale_range < 1, "data.scale_range must be in [0, 1)")
+        _check(self.cache_in_memory_mb >= 0, "data.cache_in_memory_mb must be >= 0")
+
+    @property
+    def augment(self) -> bool:
+        return self.random_crop or self.rotation_degrees > 0 or self.scale_range > 0 or self.horizontal_flip
+
+
+@dataclass
+class ModelConfig:
+    family: str = "dcgan"
+    """dcgan | wgan-gp | vae | ae | seed-recipe (the TensorFlow-tutorial DCGAN baseline)."""
+    image_size: int = 16
+    """Generated side length; must equal data.image_size."""
+    channels: int = 1
+    """Generated channels; must equal data.channels."""
+    latent_dim: int = 64
+    """Size of z."""
+    width: int = 64
+    """Base channel count; layers use width * 2^k, capped at width * 8."""
+    num_classes: int = 0
+    """0 = unconditional; > 0 = class-conditional with this many labels (GANs only)."""
+    beta: float = 1.0
+    """VAE: weight of the KL term in the ELBO."""
+    recon_loss: str = "bce"
+    """VAE/AE reconstruction likelihood: bce (Bernoulli on [0,1] pixels) or mse (Gaussian)."""
+
+    def __post_init__(self) -> None:
+        _check(self.family in MODEL_FAMILIES,
+               f"model.family={self.family!r} is unknown; use one of {MODEL_FAMILIES}")
+        _check(self.image_size in VALID_IMAGE_SIZES,
+               f"model.image_size={self.image_size} can't be built; sizes that work: {VALID_IMAGE_SIZES}")
+        _check(self.channels in (1, 3), f"model.channels={self.channels} must be 1 or 3")
+        _check(self.latent_dim > 0, "model.latent_dim must be positive")
+        _check(self.width > 0, "model.width must be positive")
+        _check(self.num_classes >= 0, "model.num_classes must be >= 0")
+        _check(self.num_classes == 0 or self.family in ("dcgan", "wgan-gp"),
+               f"model.num_classes: class-conditioning is supported for dcgan and wgan-gp, not {self.family}")
+        _check(self.beta >= 0, "model.beta must be >= 0")
+        _check(self.recon_loss in ("bce", "mse"), "model.recon_loss must be bce or mse")
+
+    @property
+    def is_gan(self) -> bool:
+        return self.family in GAN_FAMILIES
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 60
+    """Passes over the training set."""
+    batch_size: int = 64
+    """Global batch size, split evenly across workers."""
+    lr_g: float = 2e-4
+    """Adam learning rate of the generator (or of the VAE/AE)."""
+    lr_d: float = 2e-4
+    """Adam learning rate of the discriminator / critic."""
+    beta1: float = 0.5
+    """Adam beta1."""
+    beta2: float = 0.999
+    """Adam beta2."""
+    critic_steps: int = 1
+    """Discriminator updates per generator update (5 is usual for WGAN-GP)."""
+    gp_weight: float = 10.0
+    """WGAN-GP gradient-penalty weight (lambda)."""
+    ema_decay: float = 0.999
+    """Decay of the generator's exponential moving average; 0 turns EMA off."""
+    seed: int = 42
+    """Seed for weights, noise and data order (the source documents ask for 42)."""
+    workers: int = 1
+    """Ray Train workers (data-parallel replicas)."""
+    use_gpu: bool = False
+    """One GPU per worker; turns on AMP."""
+    cpus_per_worker: int = 0
+    """CPUs reserved per worker (and torch threads); 0 = share this machine's cores evenly."""
+    checkpoint_every: int = 500
+    """Write a checkpoint every this many batches (optimizer steps of D, or of the VAE)."""
+    checkpoint_every_epochs: int = 10
+    """Also write one at the end of every this many epochs, and always at the end."""
+    keep_checkpoints: int = 2
+    """How many checkpoints Ray Train keeps."""
+    max_failures: int = 3
+    """Worker-group restarts (from the last checkpoint) before the run fails."""
+    sample_every: int = 1
+    """Write the fixed-noise 8x8 sample grid every this many epochs."""
+    max_steps: int = 0
+    """Stop after this many generator steps (0 = no limit); for smoke tests and benchmarks."""
+    out: str = "runs"
+    """Local directory for run outputs (sample grids, metrics) and the default storage."""
+    storage_path: str = ""
+    """Where Ray Train keeps checkpoints: a shared path or s3:// / gs:// URI; empty = <out>."""
+    name: str = ""
+    """Run name; empty = <model>-<dataset>. A rerun with the same name resumes."""
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "critic_steps", "workers", "checkpoint_every", "checkpoint_every_epochs",
+                     "keep_checkpoints", "sample_every"):
+            _check(getattr(self, name) > 0, f"train.{name} must be positive, got {getattr(self, name)}")
+        for name in ("lr_g", "lr_d"):
+            _check(0 < getattr(self, name) < 1, f"train.{name} must be in (0, 1)")
+        _check(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "train.beta1/beta2 must be in [0, 1)")
+        _check(0 <= self.ema_decay < 1, "train.ema_decay must be in [0, 1)")
+        _check(self.gp_weight >= 0, "train.gp_weight must be >= 0")
+        _check(self.max_failures >= -1, "train.max_failures must be >= -1 (-1 = retry forever)")
+        _check(self.max_steps >= 0 and self.cpus_per_worker >= 0, "train.max_steps/cpus_per_worker must be >= 0")
+        _check(self.batch_size >= self.workers,
+               f"train.batch_size={self.batch_size} is smaller than train.workers={self.workers}")
+
+
+@dataclass
+class EvalConfig:
+    every_epochs: int = 0
+    """Score the checkpoint every this many epochs during training (0 = only at the end)."""
+    num_samples: int = 1000
+    """Generated images per evaluation (the floor uses as many real ones)."""
+    enabled: bool = True
+    """Evaluate during/after training at all."""
+
+    def __post_init__(self) -> None:
+        _check(self.every_epochs >= 0, "eval.every_epochs must be >= 0")
+        _check(self.num_samples >= 10, "eval.num_samples must be >= 10")
+
+
+@dataclass
+class ExperimentConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self) -> None:
+        _check(self.model.image_size == self.data.image_size,
+               f"model.image_size={self.model.image_size} differs from data.image_size={self.data.image_size}")
+        _check(self.model.channels == self.data.channels,
+               f"model.channels={self.model.channels} differs from data.channels={self.data.channels}")
+        if self.model.family == "seed-recipe":
+            _check(self.model.image_size >= 8, "seed-recipe needs image_size >= 8")
+
+    @property
+    def run_name(self) -> str:
+        if self.train.name:
+            return self.train.name
+        dataset = self.data.dataset.split(":")[0]
+        return f"{self.model.family}-{dataset}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> ExperimentConfig:
+        _check(isinstance(raw, dict), "a config must be a mapping of sections")
+        sections = {f.name: f.type for f in dataclasses.fields(cls)}
+        unknown = set(raw) - set(sections)
+        _check(not unknown, f"unknown config section(s): {sorted(unknown)}; known: {sorted(sections)}")
+        kwargs = {}
+        for name, section_cls in _SECTION_TYPES.items():
+            values = raw.get(name) or {}
+            _check(isinstance(values, dict), f"config section {name!r} must be a mapping")
+            known = {f.name: f for f in dataclasses.fields(section_cls)}
+            bad = set(values) - set(known)
+            _check(not bad, f"unknown key(s) {sorted(f'{name}.{k}' for k in bad)}")
+            for key, value in values.items():
+                _check_type(f"{name}.{key}", known[key], value)
+            kwargs[name] = section_cls(**values)
+        return cls(**kwargs)
+
+    def with_overrides(self, overrides: dict[str, Any]) -> ExperimentConfig:
+        """Return a copy with dotted keys replaced, e.g. {"train.lr_g": 1e-4}; validated anew."""
+        raw = self.to_dict()
+        for dotted, value in overrides.items():
+            section, _, key = dotted.partition(".")
+            _check(section in raw and key in raw[section], f"unknown config key {dotted!r}")
+            raw[section][key] = value
+        return ExperimentConfig.from_dict(raw)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+_SECTION_TYPES = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "eval": EvalConfig}
+_TYPE_NAMES = {"int": int, "float": (int, float), "str": str, "bool": bool}
+
+
+def _check_type(name: str, f: dataclasses.Field, value: Any) -> None:
+    expected = _TYPE_NAMES[f.type if isinstance(f.type, str) else f.type.__name__]
+    ok = isinstance(value, expected) and not (isinstance(value, bool) and expected is not bool)
+    if expected == (int, float) and isinstance(value, float):
+        ok = ok and math.isfinite(value)
+    _check(ok, f"{name} must be {f.type}, got {type(value).__name__} {value!r}")
+
+
+def named_configs() -> list[str]:
+    """The configs shipped in aigc_ray/configs (usable as ``--config NAME``)."""
+    files = resources.files("aigc_ray.configs").iterdir()
+    return sorted(p.name[:-5] for p in files if p.name.endswith(".yaml"))
+
+
+def load_config(name_or_path: str | None) -> ExperimentConfig:
+    """Load a shipped config by name, or a YAML file by path; None gives the defaults."""
+    if not name_or_path:
+        return ExperimentConfig()
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.exists():
+            raise ConfigError(f"config file {path} does not exist")
+        text = path.read_text()
+    else:
+        shipped = resources.files("aigc_ray.configs") / f"{name_or_path}.yaml"
+        if not shipped.is_file():
+            raise ConfigError(f"no config named {name_or_path!r}; shipped: {', '.join(named_configs())}")
+        text = shipped.read_text()
+    return ExperimentConfig.from_dict(yaml.safe_load(text) or {})

@@ -1,0 +1,292 @@
+"""The Ray Train loop: data-parallel GAN/VAE training on a Ray cluster.
+
+The Ray calls in the per-worker loop are few and labelled in order:
+  [1] prepare model   ray.train.torch.prepare_model (DDP, device placement)
+  [2] checkpoint in   ray.train.get_checkpoint (resume after a failure or a rerun)
+  [3] dataset shard   ray.train.get_dataset_shard (this worker's share of the Parquet shards)
+  [4] report          ray.train.report (metrics every epoch, a checkpoint every K steps)
+Everything else is the Ray-free Engine (engine.py), which the benchmark drives directly.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import ray
+import ray.train
+import ray.train.torch
+import torch
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from aigc_ray import storage
+from aigc_ray.config import ExperimentConfig
+from aigc_ray.data.pipeline import ensure_prepared, train_dataset
+from aigc_ray.data.prepare import read_manifest
+from aigc_ray.models.checkpoint import load_train_state, save_checkpoint
+from aigc_ray.pipeline import grid_png, to_uint8
+from aigc_ray.train.engine import Engine
+
+GRID_SIDE = 8  # the fixed-noise sample grid is 8x8
+
+
+class ShardBatches:
+    """Batches of this worker's shard: streamed through Ray Data the first epoch, then, if
+    the shard is small, replayed from memory on the training device with a fresh
+    per-epoch permutation (no re-decoding, no host-to-device copies)."""
+
+    def __init__(self, shard, batch_size: int, device: torch.device, cache_limit_mb: int, seed: int):
+        self.shard, self.batch_size, self.device, self.seed = shard, batch_size, device, seed
+        self.cache_limit = cache_limit_mb * 2**20
+        self.cached: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if self.cached is not None:
+            images, labels = self.cached
+            perm = torch.randperm(len(images), generator=torch.Generator().manual_seed(self.seed + epoch))
+            perm = perm.to(self.device)
+            for i in range(len(images) // self.batch_size):
+                idx = perm[i * self.batch_size:(i + 1) * self.batch_size]
+                yield images[idx], labels[idx]
+            return
+        kept: list[tuple[torch.Tensor, torch.Tensor]] | None = []
+        size = 0
+        for batch in self.shard.iter_torch_batches(batch_size=self.batch_size, local_shuffle_buffer_size=2048,
+                                                   local_shuffle_seed=self.seed + epoch):
+            x = batch["image"].to(self.device, non_blocking=True)  # uint8 (n, C, S, S)
+            y = batch["label"].to(self.device, non_blocking=True)  # int64 (n,)
+            if kept is not None:
+                size += x.numel()
+                kept = kept + [(x, y)] if size <= self.cache_limit else None
+            if len(x) == self.batch_size:  # a short last batch would unbalance DDP workers
+                yield x, y
+        if kept:
+            self.cached = (torch.cat([k[0] for k in kept]), torch.cat([k[1] for k in kept]))
+
+
+def fixed_noise(cfg: ExperimentConfig, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The same 64 latents (and labels, one class per row) every epoch, for comparable grids."""
+    n, m = GRID_SIDE * GRID_SIDE, cfg.model
+    z = torch.randn(n, m.latent_dim, generator=torch.Generator().manual_seed(cfg.train.seed)).to(device)
+    labels = (torch.arange(n) // GRID_SIDE % m.num_classes).to(device) if m.num_classes else None
+    return z, labels
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    cfg = ExperimentConfig.from_dict(loop_config["experiment"])
+    dataset_info, run_dir = loop_config["dataset"], loop_config["run_dir"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(max(1, loop_config["cpus_per_worker"]))
+    device = ray.train.torch.get_device()
+
+    # [1] prepare model: G and D are wrapped for DDP separately (separate optimizers, turns)
+    engine = Engine(cfg, device, wrap=lambda m: ray.train.torch.prepare_model(
+        m, parallel_strategy_kwargs=_DDP_NO_BUFFER_SYNC))
+
+    # [2] checkpoint in: resume where the last reported checkpoint left off
+    start_epoch, skip_batches = 0, 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as ckpt_dir:
+            state = load_train_state(ckpt_dir)
+        engine.load_state_dict(state)
+        start_epoch, skip_batches = state["epoch"], state["batch_in_epoch"]
+        if rank == 0:
+            _say(f"resuming from {checkpoint.path} at epoch {start_epoch + 1}, step {engine.step}")
+
+    # [3] dataset shard: this worker's disjoint share of the training rows
+    local_batch = cfg.train.batch_size // world
+    batches = ShardBatches(ray.train.get_dataset_shard("train"), local_batch, device,
+                           cfg.data.cache_in_memory_mb, cfg.train.seed * 1000 + rank)
+    z_fixed, labels_fixed = fixed_noise(cfg, device)
+    history = _read_history(run_dir) if rank == 0 else []
+    t = cfg.train
+
+    def report(metrics: dict, epoch: int, batch_in_epoch: int, with_checkpoint: bool) -> None:
+        # [4] report: every worker calls it (a barrier); rank 0 attaches the checkpoint
+        if rank != 0 or not with_checkpoint:
+            ray.train.report(metrics)
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            state = engine.state_dict() | {"epoch": epoch, "batch_in_epoch": batch_in_epoch}
+            save_checkpoint(tmp, experiment=cfg, served_state=engine.served_module().state_dict(),
+                            step=engine.step, epoch=epoch, ema=engine.ema is not None, dataset=dataset_info,
+                            train_state=state)
+            samples = to_uint8(_grid_images(engine, cfg, z_fixed, labels_fixed, batches))
+            Path(tmp, "samples.png").write_bytes(grid_png(samples, nrow=GRID_SIDE))
+            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
+
+    for epoch in range(start_epoch, t.epochs):
+        sums: dict[str, torch.Tensor | float] = {}
+        count, images_seen, started = 0, 0, time.perf_counter()
+        done = False
+        for i, (x, y) in enumerate(batches.epoch(epoch)):
+            if epoch == start_epoch and i < skip_batches:
+                continue  # already trained on before the checkpoint we resumed from
+            out = engine.train_batch(x, y)
+            for key, value in out.items():
+                sums[key] = sums.get(key, 0.0) + value  # tensors: summed on device, no sync
+            count += 1
+            images_seen += len(x) * world
+            done = bool(t.max_steps and engine.g_steps >= t.max_steps)
+            if engine.step % t.checkpoint_every == 0 and not done:
+                report(_means(sums, count) | {"epoch": epoch + i / 1e6, "step": engine.step}, epoch, i + 1, True)
+            if done:
+                break
+        elapsed = time.perf_counter() - started
+        last = done or epoch + 1 == t.epochs
+        metrics = _means(sums, count) | {"epoch": epoch + 1, "step": engine.step,
+                                         "images_per_s": images_seen / max(elapsed, 1e-9), "epoch_time_s": elapsed}
+        if rank == 0:
+            history.append(metrics)
+            _write_epoch_artifacts(run_dir, history, engine, cfg, z_fixed, labels_fixed, batches, epoch, last)
+            _say(_epoch_line(metrics, t.epochs))
+        report(metrics, epoch + 1, 0, with_checkpoint=last or (epoch + 1) % t.checkpoint_every_epochs == 0)
+        if done:
+            break
+
+
+def _say(line: str) -> None:
+    """One progress line on the worker's stdout, which Ray forwards to the driver. (Train V2
+    patches print() to also log, which would show each line twice.)"""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+# BatchNorm statistics stay per worker (as in torch's DCGAN/DDP examples); syncing buffers
+# on every forward would add a broadcast to each of D's three forward passes per step.
+_DDP_NO_BUFFER_SYNC = ({"forward_sync_buffers": False}
+                       if "forward_sync_buffers" in inspect.signature(torch.nn.parallel.DistributedDataParallel).parameters
+                       else {"broadcast_buffers": False})
+
+
+def _means(sums: dict[str, torch.Tensor | float], count: int) -> dict[str, float]:
+    return {k: float(v) / max(count, 1) for k, v in sums.items()}
+
+
+def _grid_images(engine: Engine, cfg: ExperimentConfig, z, labels, batches: ShardBatches) -> torch.Tensor:
+    if cfg.model.family == "ae" and batches.cached is not None:
+        # a plain autoencoder has no prior: show reconstructions of fixed training images
+        real = batches.cached[0][: GRID_SIDE * GRID_SIDE].float() / 127.5 - 1
+        model = engine.served_module().eval()
+        with torch.no_grad():
+            out = model.decode(model.encode(real)[0])
+        engine.served_module().train()
+        return out
+    return engine.sample(z, labels)
+
+
+def _read_history(run_dir: str) -> list[dict]:
+    path = storage.join(run_dir, "metrics.jsonl")
+    if not storage.exists(path):
+        return []
+    return [json.loads(line) for line in storage.read_bytes(path).decode().splitlines() if line.strip()]
+
+
+def _write_epoch_artifacts(run_dir, history, engine, cfg, z, labels, batches, epoch: int, last: bool) -> None:
+    """Rank 0 only: metrics.jsonl (rewritten whole, so a resumed run keeps earlier epochs)
+    and the fixed-noise sample grid for this epoch."""
+    lines = "".join(json.dumps(h) + "\n" for h in history)
+    storage.write_bytes(storage.join(run_dir, "metrics.jsonl"), lines.encode())
+    if (epoch + 1) % cfg.train.sample_every == 0 or last:
+        png = grid_png(to_uint8(_grid_images(engine, cfg, z, labels, batches)), nrow=GRID_SIDE)
+        storage.write_bytes(storage.join(run_dir, "samples", f"epoch_{epoch + 1:03d}.png"), png)
+
+
+def _epoch_line(m: dict, epochs: int) -> str:
+    skip = {"epoch", "step", "images_per_s", "epoch_time_s"}
+    parts = " ".join(f"{k}={v:.4f}" for k, v in m.items() if k not in skip)
+    return (f"epoch {m['epoch']:>3}/{epochs} step {m['step']:>6} {parts} "
+            f"{m['images_per_s']:.0f} img/s {m['epoch_time_s']:.1f}s")
+
+
+# --- driver side -------------------------------------------------------------------------
+
+@dataclass
+class TrainingOutcome:
+    checkpoint: str  # path or URI of the checkpoint `aigc-ray train` names at the end
+    run_dir: str
+    metrics: dict
+
+
+def init_ray(address: str | None = None, workers: int = 1) -> None:
+    """Join RAY_ADDRESS / --address when given (ray job submit sets it), else start a
+    local Ray. Locally we declare one logical CPU more than the workers use, so Ray Data's
+    read and decode tasks can be scheduled next to workers that hold every core."""
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        cores = os.cpu_count() or 1
+        ray.init(num_cpus=max(cores, workers) + 1)
+
+
+def cpus_per_worker(cfg: ExperimentConfig) -> int:
+    if cfg.train.cpus_per_worker:
+        return cfg.train.cpus_per_worker
+    total = int(ray.cluster_resources().get("CPU", 1)) - 1  # one left for Ray Data
+    return max(1, total // cfg.train.workers)
+
+
+def build_trainer(cfg: ExperimentConfig, *, callbacks=(), validation_config=None,
+                  checkpoint_score: str | None = None) -> tuple[TorchTrainer, str]:
+    prepared = ensure_prepared(cfg.data, cfg.train.seed)
+    manifest = read_manifest(prepared)
+    storage_path = storage.resolve(cfg.train.storage_path or cfg.train.out)
+    run_dir = storage.join(storage_path, cfg.run_name)
+    dataset_info = {"prepared": prepared, "content_hash": manifest["content_hash"],
+                    "num_classes": manifest["num_classes"], "class_names": manifest["class_names"],
+                    "source": manifest["source"]}
+    if cfg.model.num_classes and cfg.model.num_classes != manifest["num_classes"]:
+        raise ValueError(f"model.num_classes={cfg.model.num_classes} but {cfg.data.dataset} has "
+                         f"{manifest['num_classes']} classes")
+    cpus = cpus_per_worker(cfg)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"experiment": cfg.to_dict(), "dataset": dataset_info, "run_dir": run_dir,
+                           "cpus_per_worker": cpus},
+        scaling_config=ScalingConfig(num_workers=cfg.train.workers, use_gpu=cfg.train.use_gpu,
+                                     resources_per_worker={"CPU": cpus}),
+        run_config=RunConfig(
+            name=cfg.run_name, storage_path=storage_path,
+            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=cfg.train.keep_checkpoints if not checkpoint_score else None,
+                checkpoint_score_attribute=checkpoint_score, checkpoint_score_order="min"),
+            callbacks=list(callbacks), logging_config=LoggingConfig(log_level="WARNING")),
+        datasets={"train": train_dataset(prepared)},
+        validation_config=validation_config,
+    )
+    return trainer, run_dir
+
+
+def run_training(cfg: ExperimentConfig, *, address: str | None = None) -> TrainingOutcome:
+    init_ray(address, cfg.train.workers)
+    trainer, run_dir = build_trainer(cfg)
+    result = trainer.fit()
+    if result.error:
+        raise result.error
+    final = result.checkpoint
+    if final is None:
+        raise RuntimeError(f"training run {cfg.run_name} reported no checkpoint")
+    storage.write_bytes(storage.join(run_dir, "config.yaml"), cfg.to_yaml().encode())
+    return TrainingOutcome(checkpoint=final.path, run_dir=run_dir, metrics=dict(result.metrics or {}))
+
+
+def main_print(outcome: TrainingOutcome) -> None:
+    print(f"run directory: {outcome.run_dir}", file=sys.stderr)
+    print(outcome.checkpoint)  # the last line is the checkpoint's path, for scripts
+
+
+__all__ = ["run_training", "build_trainer", "init_ray", "train_loop_per_worker", "TrainingOutcome"]

@@ -1,0 +1,130 @@
+"""Pure per-step functions: one optimisation step given modules, optimizers and a batch.
+
+No Ray here, so the plain-PyTorch benchmark and the Ray Train loop run the same code.
+G and D are updated in turn with separate optimizers, never through a summed loss.
+Each returns a dict of floats (on the CPU only when ``sync`` is asked for, so the hot
+path doesn't force a device sync every step).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class StepContext:
+    """What a step needs besides the batch: the precision context and the loss scaler."""
+    autocast: contextlib.AbstractContextManager | None = None
+    scaler: torch.amp.GradScaler | None = None
+
+    def cast(self):
+        return self.autocast if self.autocast is not None else contextlib.nullcontext()
+
+    def backward_step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(optimizer)
+            self.scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+
+
+def _no_sync(module: nn.Module):
+    """Skip DDP's gradient all-reduce for D's backward during the G step: D isn't updated
+    there and its grads are zeroed before D's next step."""
+    return module.no_sync() if hasattr(module, "no_sync") else contextlib.nullcontext()
+
+
+def gan_step(G: nn.Module, D: nn.Module, opt_g, opt_d, real: torch.Tensor, labels: torch.Tensor | None,
+             latent_dim: int, ctx: StepContext, update_g: bool = True) -> dict[str, torch.Tensor]:
+    """Non-saturating DCGAN step. real: (N, C, S, S) in [-1, 1]; labels: (N,) or None.
+
+    D loss: -[log D(x) + log(1 - D(G(z)))]; G loss: -log D(G(z)); both with BCE on logits.
+    """
+    n = real.shape[0]
+    z = torch.randn(n, latent_dim, device=real.device)
+    with ctx.cast():
+        fake = G(z, labels)  # (N, C, S, S), kept with its graph for the G step
+        # D step: fake is detached so no gradient reaches G
+        d_real, d_fake = D(real, labels), D(fake.detach(), labels)
+        loss_d = (F.binary_cross_entropy_with_logits(d_real, torch.ones_like(d_real))
+                  + F.binary_cross_entropy_with_logits(d_fake, torch.zeros_like(d_fake)))
+    opt_d.zero_grad(set_to_none=True)
+    ctx.backward_step(loss_d, opt_d)
+    out = {"loss_d": loss_d.detach(), "d_real": torch.sigmoid(d_real.detach().float()).mean(),
+           "d_fake": torch.sigmoid(d_fake.detach().float()).mean()}
+    if update_g:
+        # G step: D (just updated) scores the same fakes; target "real" = non-saturating loss
+        opt_g.zero_grad(set_to_none=True)
+        with _no_sync(D), ctx.cast():
+            d_gen = D(fake, labels)
+            loss_g = F.binary_cross_entropy_with_logits(d_gen, torch.ones_like(d_gen))
+        ctx.backward_step(loss_g, opt_g)
+        out["loss_g"] = loss_g.detach()
+    return out
+
+
+def wgan_gp_step(G: nn.Module, D: nn.Module, opt_g, opt_d, real: torch.Tensor, labels: torch.Tensor | None,
+                 latent_dim: int, ctx: StepContext, gp_weight: float, update_g: bool) -> dict[str, torch.Tensor]:
+    """One critic step, plus a generator step when ``update_g`` (every critic_steps batches).
+
+    Critic: E[D(G(z))] - E[D(x)] + lambda * E[(||grad D(x_hat)||_2 - 1)^2]; G: -E[D(G(z))].
+    Real, fake and interpolated images go through the critic in one forward pass (the
+    critic has no BatchNorm, so samples don't interact), which keeps DDP to one
+    forward/backward per step.
+    """
+    n = real.shape[0]
+    z = torch.randn(n, latent_dim, device=real.device)
+    with torch.no_grad(), ctx.cast():
+        fake = G(z, labels)
+    eps = torch.rand(n, 1, 1, 1, device=real.device)
+    x_hat = (eps * real + (1 - eps) * fake.float()).requires_grad_(True)
+    both_labels = None if labels is None else labels.repeat(3)
+    # the penalty's double backward runs in fp32 for stability
+    scores = D(torch.cat([real, fake.float(), x_hat]), both_labels)  # (3N,)
+    d_real, d_fake, d_hat = scores.split(n)
+    grad = torch.autograd.grad(d_hat.sum(), x_hat, create_graph=True)[0]
+    penalty = ((grad.flatten(1).norm(dim=1) - 1) ** 2).mean()
+    loss_d = d_fake.mean() - d_real.mean() + gp_weight * penalty
+    opt_d.zero_grad(set_to_none=True)
+    loss_d.backward()
+    opt_d.step()
+    out = {"loss_d": loss_d.detach(), "d_real": d_real.detach().mean(), "d_fake": d_fake.detach().mean(),
+           "gp": penalty.detach()}
+    if update_g:
+        opt_g.zero_grad(set_to_none=True)
+        z = torch.randn(n, latent_dim, device=real.device)
+        with _no_sync(D), ctx.cast():
+            loss_g = -D(G(z, labels), labels).float().mean()
+        ctx.backward_step(loss_g, opt_g)
+        out["loss_g"] = loss_g.detach()
+    return out
+
+
+def vae_step(model: nn.Module, opt, real: torch.Tensor, ctx: StepContext, beta: float,
+             recon_loss: str, variational: bool) -> dict[str, torch.Tensor]:
+    """Negative ELBO: -E_q[log p(x|z)] + beta * KL(q(z|x) || N(0, I)), per image.
+
+    Pixels are mapped to [0, 1]; bce is a Bernoulli likelihood on decoder logits, mse a
+    Gaussian one. The plain autoencoder (variational=False) drops the KL term.
+    """
+    n = real.shape[0]
+    target = (real + 1) / 2
+    with ctx.cast():
+        logits, mu, logvar = model(real)
+    logits, mu, logvar = logits.float(), mu.float(), logvar.float()
+    if recon_loss == "bce":
+        recon = F.binary_cross_entropy_with_logits(logits, target, reduction="sum") / n
+    else:
+        recon = F.mse_loss(torch.sigmoid(logits), target, reduction="sum") / n
+    kl = (-0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).sum()) / n if variational else torch.zeros((), device=real.device)
+    loss = recon + beta * kl
+    opt.zero_grad(set_to_none=True)
+    ctx.backward_step(loss, opt)
+    return {"loss": loss.detach(), "recon": recon.detach(), "kl": kl.detach()}
