@@ -1,0 +1,66 @@
+"""Shared fixtures: one local Ray per test session, tiny prepared datasets, tiny checkpoints.
+
+Ray start-up costs seconds on 2 cores, so every test that needs Ray takes ``ray_session``
+and shares it. Training fixtures use tiny configs and a few steps.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from aigc_ray.config import ExperimentConfig
+
+os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+def tiny_config(tmp_path, family: str = "dcgan", **overrides) -> ExperimentConfig:
+    """A model small enough to train a few steps in seconds on one CPU core."""
+    base = {
+        "data": {"dataset": "digits", "data_root": str(tmp_path / "data"), "image_size": 8},
+        "model": {"family": family, "image_size": 8, "latent_dim": 8, "width": 8},
+        "train": {"epochs": 2, "batch_size": 32, "workers": 1, "cpus_per_worker": 1,
+                  "out": str(tmp_path / "runs"), "checkpoint_every": 20, "max_failures": 0},
+        "eval": {"num_samples": 64},
+    }
+    if family == "seed-recipe":
+        base["model"].pop("width")
+    cfg = ExperimentConfig.from_dict(base)
+    return cfg.with_overrides(overrides) if overrides else cfg
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=4, include_dashboard=True, log_to_driver=True)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def data_root(tmp_path_factory):
+    """A data root shared by the session, so each dataset is prepared once."""
+    return tmp_path_factory.mktemp("data")
+
+
+@pytest.fixture(scope="session")
+def trained_checkpoint(ray_session, tmp_path_factory, data_root):
+    """A tiny dcgan trained for 2 epochs on 8x8 digits: the checkpoint's local path."""
+    from aigc_ray.train.loop import run_training
+
+    tmp = tmp_path_factory.mktemp("ckpt")
+    cfg = tiny_config(tmp).with_overrides({"data.data_root": str(data_root), "train.name": "tiny-dcgan"})
+    return run_training(cfg).checkpoint
+
+
+@pytest.fixture(scope="session")
+def trained_vae_checkpoint(ray_session, tmp_path_factory, data_root):
+    from aigc_ray.train.loop import run_training
+
+    tmp = tmp_path_factory.mktemp("ckpt_vae")
+    cfg = tiny_config(tmp, "vae").with_overrides({"data.data_root": str(data_root), "train.name": "tiny-vae"})
+    return run_training(cfg).checkpoint
