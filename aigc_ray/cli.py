@@ -57,6 +57,7 @@ def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
+    from aigc_ray import storage
     from aigc_ray.data.prepare import prepare
 
     manifest = prepare(args.dataset, args.out, image_size=args.image_size, channels=args.channels,
@@ -64,7 +65,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
                        seed=args.seed, overwrite=args.overwrite)
     summary = {k: manifest[k] for k in ("source", "counts", "dropped", "num_classes", "content_hash")}
     print(json.dumps(summary, indent=2))
-    print(str(Path(args.out).resolve()))
+    print(storage.resolve(args.out))  # a local path made absolute, or the s3:// / gs:// URI
     return 0
 
 
@@ -111,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "Parquet shards of PNG bytes with a manifest. The source is never modified.")
     p.add_argument("--dataset", required=True, help="digits | shapes | mnist | fashion-mnist | cifar10 | "
                                                     "folder:PATH | parquet:PATH")
-    p.add_argument("--out", required=True, help="output directory (must be new or empty)")
+    p.add_argument("--out", required=True, help="output directory (must be new or empty), or an s3:// / gs:// URI")
     p.add_argument("--image-size", type=int, default=16, choices=(8, 16, 32, 64, 128))
     p.add_argument("--channels", type=int, default=1, choices=(1, 3))
     p.add_argument("--data-root", default="~/.cache/aigc-ray", help="where torchvision datasets live")

@@ -19,6 +19,7 @@ import yaml
 MODEL_FAMILIES = ("dcgan", "wgan-gp", "vae", "ae", "seed-recipe")
 GAN_FAMILIES = ("dcgan", "wgan-gp", "seed-recipe")
 VALID_IMAGE_SIZES = (8, 16, 32, 64, 128)
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 
 
 class ConfigError(ValueError):
@@ -55,7 +56,8 @@ class DataConfig:
     """Augment with a random left-right flip (off by default: flipped digits are not digits)."""
     cache_in_memory_mb: int = 512
     """A worker's shard smaller than this is decoded once and kept in memory (on the
-    training device) for later epochs instead of being re-read through Ray Data."""
+    training device: GPU-resident on CUDA) for later epochs instead of being re-read through
+    Ray Data; 0 turns the cache off."""
 
     def __post_init__(self) -> None:
         _check(self.image_size in VALID_IMAGE_SIZES,
@@ -134,7 +136,21 @@ class TrainConfig:
     workers: int = 1
     """Ray Train workers (data-parallel replicas)."""
     use_gpu: bool = False
-    """One GPU per worker; turns on AMP."""
+    """One GPU per worker; turns on the CUDA fast path below (each switch has no effect on CPU
+    unless its doc says so)."""
+    precision: str = "auto"
+    """auto | bf16 | fp16 | fp32. auto: bf16 autocast on CUDA (fp16 with a grad scaler on GPUs
+    without bf16), fp32 on CPU. An explicit bf16 is honoured on CPU too (CPU autocast); fp16 on
+    CPU falls back to fp32."""
+    channels_last: bool = True
+    """Keep images and conv weights in NHWC on CUDA (tensor-core friendly); ignored on CPU."""
+    compile: bool = False
+    """torch.compile G and D (the WGAN-GP critic stays eager: its penalty needs double
+    backward). Honoured on CPU too; the first steps pay the compile time."""
+    cuda_graphs: bool = True
+    """Capture the whole training step (forwards, backwards, fused Adam) as CUDA graphs after a
+    few warm-up steps and replay them: one launch per step instead of hundreds. CUDA only; off
+    with more than one worker (DDP), with fp16 (its grad scaler syncs), and if capture fails."""
     cpus_per_worker: int = 0
     """CPUs reserved per worker (and torch threads); 0 = share this machine's cores evenly."""
     checkpoint_every: int = 500
@@ -167,6 +183,9 @@ class TrainConfig:
         _check(self.gp_weight >= 0, "train.gp_weight must be >= 0")
         _check(self.max_failures >= -1, "train.max_failures must be >= -1 (-1 = retry forever)")
         _check(self.max_steps >= 0 and self.cpus_per_worker >= 0, "train.max_steps/cpus_per_worker must be >= 0")
+        _check(self.precision in PRECISIONS, f"train.precision={self.precision!r} is unknown; use one of {PRECISIONS}")
+        for name in ("channels_last", "compile", "cuda_graphs"):
+            _check(isinstance(getattr(self, name), bool), f"train.{name} must be bool, got {getattr(self, name)!r}")
         _check(self.batch_size >= self.workers,
                f"train.batch_size={self.batch_size} is smaller than train.workers={self.workers}")
 

@@ -7,36 +7,40 @@ device (aigc_ray.data.augment), and never during evaluation.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import numpy as np
 
+from aigc_ray import storage
 from aigc_ray.config import DataConfig
 from aigc_ray.data.prepare import MANIFEST, PrepareError, prepare, read_manifest, shard_files
 
 
-def prepared_dir(data: DataConfig, seed: int) -> Path:
+def prepared_dir(data: DataConfig, seed: int) -> str:
     """Where the prepared copy of a source lives: the parquet: path itself if it was
-    written by `aigc-ray prepare`, else a cache under data_root keyed by the settings."""
+    written by `aigc-ray prepare`, else a cache under data_root keyed by the settings.
+    Either may be a local (shared) path or an s3:// / gs:// / file:// URI, so a dataset
+    prepared once is read by every node."""
     if data.dataset.startswith("parquet:"):
-        path = Path(data.dataset[len("parquet:"):]).expanduser()
-        if (path / MANIFEST).exists():
+        path = data.dataset[len("parquet:"):]
+        path = path if storage.is_uri(path) else os.path.expanduser(path)
+        if storage.exists(storage.join(path, MANIFEST)):
             return path
     name = data.dataset.replace("folder:", "folder-").replace("parquet:", "parquet-")
     name = "".join(c if c.isalnum() or c in "-_." else "_" for c in name).strip("_")[-80:]
     suffix = f"-n{data.num_shapes}-s{seed}" if data.dataset == "shapes" else ""
-    return Path(os.path.expanduser(data.data_root)) / "prepared" / f"{name}-{data.image_size}px-{data.channels}ch{suffix}"
+    root = data.data_root if storage.is_uri(data.data_root) else os.path.expanduser(data.data_root)
+    return storage.join(root, "prepared", f"{name}-{data.image_size}px-{data.channels}ch{suffix}")
 
 
 def ensure_prepared(data: DataConfig, seed: int) -> str:
     """Prepare the dataset once (cached), and check it matches the config."""
     path = prepared_dir(data, seed)
-    if not (path / MANIFEST).exists():
+    if not storage.exists(storage.join(path, MANIFEST)):
         try:
             prepare(data.dataset, path, image_size=data.image_size, channels=data.channels,
                     data_root=data.data_root, download=data.download, num_shapes=data.num_shapes, seed=seed)
         except PrepareError:
-            if not (path / MANIFEST).exists():  # not a concurrent prepare that finished first
+            if not storage.exists(storage.join(path, MANIFEST)):  # not a concurrent prepare that finished first
                 raise
     manifest = read_manifest(path)
     if (manifest["image_size"], manifest["channels"]) != (data.image_size, data.channels):

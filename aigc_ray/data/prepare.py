@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ import torch
 from torchvision.io import ImageReadMode, decode_image, encode_png
 from torchvision.transforms.v2 import functional as TF
 
+from aigc_ray import storage
 from aigc_ray.data.sources import Source, open_source
 
 MANIFEST = "manifest.json"
@@ -40,15 +42,16 @@ class PrepareError(ValueError):
 
 
 def read_manifest(directory: str | Path) -> dict[str, Any]:
-    path = Path(directory) / MANIFEST
-    if not path.is_file():
+    """The manifest of a prepared dataset: a local directory or an s3:// / gs:// / file:// URI."""
+    path = storage.join(str(directory), MANIFEST)
+    if not storage.exists(path):
         raise PrepareError(f"{directory} is not a prepared dataset (no {MANIFEST}); run `aigc-ray prepare`")
-    return json.loads(path.read_text())
+    return json.loads(storage.read_bytes(path))
 
 
 def shard_files(directory: str | Path, split: str) -> list[str]:
     manifest = read_manifest(directory)
-    return [str(Path(directory) / name) for name in manifest["shards"][split]]
+    return [storage.join(str(directory), name) for name in manifest["shards"][split]]
 
 
 def _to_chw(payload: np.ndarray | bytes) -> torch.Tensor | None:
@@ -81,6 +84,18 @@ def prepare(dataset: str, out: str | Path, *, image_size: int = 16, channels: in
             data_root: str = "~/.cache/aigc-ray", download: bool = False, num_shapes: int = 4096,
             seed: int = 42, overwrite: bool = False, quiet: bool = False,
             source: Source | None = None) -> dict[str, Any]:
+    if storage.is_uri(str(out)):  # shared storage: prepare locally, then upload (manifest last)
+        if storage.exists(storage.join(str(out), MANIFEST)) and not overwrite:
+            raise PrepareError(f"{out} already holds a prepared dataset; pass --overwrite to replace it")
+        with tempfile.TemporaryDirectory(prefix="aigc-prepare-") as tmp:
+            local = Path(tmp, "prepared")
+            manifest = prepare(dataset, local, image_size=image_size, channels=channels, data_root=data_root,
+                               download=download, num_shapes=num_shapes, seed=seed, quiet=quiet, source=source)
+            manifest_bytes = (local / MANIFEST).read_bytes()
+            (local / MANIFEST).unlink()
+            storage.upload_dir(str(local), str(out))
+            storage.write_bytes(storage.join(str(out), MANIFEST), manifest_bytes)
+        return manifest
     out = Path(out).expanduser()
     if (out / MANIFEST).exists() and not overwrite:
         raise PrepareError(f"{out} already holds a prepared dataset; pass --overwrite to replace it")

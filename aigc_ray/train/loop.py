@@ -91,15 +91,19 @@ def train_loop_per_worker(loop_config: dict) -> None:
     # [1] prepare model: G and D are wrapped for DDP separately (separate optimizers, turns)
     engine = Engine(cfg, device, wrap=lambda m: ray.train.torch.prepare_model(
         m, parallel_strategy_kwargs=_DDP_NO_BUFFER_SYNC))
+    if rank == 0:
+        _say(f"fast path on {device}: {engine.fast_path.summary()}; "
+             f"shard cached on device after epoch 1 if under {cfg.data.cache_in_memory_mb} MB")
 
     # [2] checkpoint in: resume where the last reported checkpoint left off
-    start_epoch, skip_batches = 0, 0
+    start_epoch, skip_batches, resumes = 0, 0, []
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as ckpt_dir:
             state = load_train_state(ckpt_dir)
         engine.load_state_dict(state)
         start_epoch, skip_batches = state["epoch"], state["batch_in_epoch"]
+        resumes = [*state.get("resumes", []), engine.step]  # the steps this run restarted from
         if rank == 0:
             _say(f"resuming from {checkpoint.path} at epoch {start_epoch + 1}, step {engine.step}")
 
@@ -117,7 +121,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             ray.train.report(metrics)
             return
         with tempfile.TemporaryDirectory() as tmp:
-            state = engine.state_dict() | {"epoch": epoch, "batch_in_epoch": batch_in_epoch}
+            state = engine.state_dict() | {"epoch": epoch, "batch_in_epoch": batch_in_epoch, "resumes": resumes}
             save_checkpoint(tmp, experiment=cfg, served_state=engine.served_module().state_dict(),
                             step=engine.step, epoch=epoch, ema=engine.ema is not None, dataset=dataset_info,
                             train_state=state)
@@ -125,9 +129,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
             Path(tmp, "samples.png").write_bytes(grid_png(samples, nrow=GRID_SIDE))
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
 
+    started = time.perf_counter()
     for epoch in range(start_epoch, t.epochs):
         sums: dict[str, torch.Tensor | float] = {}
-        count, images_seen, started = 0, 0, time.perf_counter()
+        # epoch_time_s runs from the end of the previous epoch's steps, so it includes that
+        # epoch's per-epoch costs (artifacts, report barrier, checkpoint upload)
+        count, images_seen = 0, 0
         done = False
         for i, (x, y) in enumerate(batches.epoch(epoch)):
             if epoch == start_epoch and i < skip_batches:
@@ -142,7 +149,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 report(_means(sums, count) | {"epoch": epoch + i / 1e6, "step": engine.step}, epoch, i + 1, True)
             if done:
                 break
-        elapsed = time.perf_counter() - started
+        elapsed, started = time.perf_counter() - started, time.perf_counter()
         last = done or epoch + 1 == t.epochs
         metrics = _means(sums, count) | {"epoch": epoch + 1, "step": engine.step,
                                          "images_per_s": images_seen / max(elapsed, 1e-9), "epoch_time_s": elapsed}
@@ -281,7 +288,9 @@ def run_training(cfg: ExperimentConfig, *, address: str | None = None) -> Traini
     if final is None:
         raise RuntimeError(f"training run {cfg.run_name} reported no checkpoint")
     storage.write_bytes(storage.join(run_dir, "config.yaml"), cfg.to_yaml().encode())
-    return TrainingOutcome(checkpoint=final.path, run_dir=run_dir, metrics=dict(result.metrics or {}))
+    # Ray gives the path inside its filesystem ("bucket/run/checkpoint_..." on s3): name a URI
+    checkpoint = f"{run_dir.split('://')[0]}://{final.path}" if storage.is_uri(run_dir) else final.path
+    return TrainingOutcome(checkpoint=checkpoint, run_dir=run_dir, metrics=dict(result.metrics or {}))
 
 
 def main_print(outcome: TrainingOutcome) -> None:

@@ -25,14 +25,22 @@ class StepContext:
     def cast(self):
         return self.autocast if self.autocast is not None else contextlib.nullcontext()
 
-    def backward_step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
+    def backward_step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer, only_own_grads: bool = False) -> None:
+        """Backward and step. ``only_own_grads``: compute gradients for the optimizer's own
+        parameters only (the G step then skips D's weight gradients, a third of D's backward)."""
+        inputs = [p for group in optimizer.param_groups for p in group["params"]] if only_own_grads else None
         if self.scaler is not None:
-            self.scaler.scale(loss).backward()
+            self.scaler.scale(loss).backward(inputs=inputs)
             self.scaler.step(optimizer)
-            self.scaler.update()
         else:
-            loss.backward()
+            loss.backward(inputs=inputs)
             optimizer.step()
+
+    def end_batch(self) -> None:
+        """Once per batch, after every optimizer has stepped (torch's AMP recipe for several
+        optimizers sharing one scaler)."""
+        if self.scaler is not None:
+            self.scaler.update()
 
 
 def _no_sync(module: nn.Module):
@@ -65,8 +73,9 @@ def gan_step(G: nn.Module, D: nn.Module, opt_g, opt_d, real: torch.Tensor, label
         with _no_sync(D), ctx.cast():
             d_gen = D(fake, labels)
             loss_g = F.binary_cross_entropy_with_logits(d_gen, torch.ones_like(d_gen))
-        ctx.backward_step(loss_g, opt_g)
+        ctx.backward_step(loss_g, opt_g, only_own_grads=True)
         out["loss_g"] = loss_g.detach()
+    ctx.end_batch()
     return out
 
 
@@ -102,8 +111,9 @@ def wgan_gp_step(G: nn.Module, D: nn.Module, opt_g, opt_d, real: torch.Tensor, l
         z = torch.randn(n, latent_dim, device=real.device)
         with _no_sync(D), ctx.cast():
             loss_g = -D(G(z, labels), labels).float().mean()
-        ctx.backward_step(loss_g, opt_g)
+        ctx.backward_step(loss_g, opt_g, only_own_grads=True)
         out["loss_g"] = loss_g.detach()
+    ctx.end_batch()
     return out
 
 
@@ -127,4 +137,5 @@ def vae_step(model: nn.Module, opt, real: torch.Tensor, ctx: StepContext, beta: 
     loss = recon + beta * kl
     opt.zero_grad(set_to_none=True)
     ctx.backward_step(loss, opt)
+    ctx.end_batch()
     return {"loss": loss.detach(), "recon": recon.detach(), "kl": kl.detach()}

@@ -1,0 +1,58 @@
+"""Keeps the README's commands true: the quick start is two commands, CI runs the README's
+test command, and every `aigc-ray ...` line in the README's code blocks parses."""
+
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+import tomllib
+
+from aigc_ray.cli import build_parser
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+
+
+def code_blocks(text: str) -> list[str]:
+    return re.findall(r"```(?:bash|sh)\n(.*?)```", text, flags=re.S)
+
+
+def test_quick_start_is_two_commands_and_ci_runs_the_same_test_command():
+    quick = README.split("## Quick start", 1)[1]
+    commands = [line for line in code_blocks(quick)[0].splitlines() if line.strip() and not line.startswith("#")]
+    assert len(commands) == 2
+    install_and_train, test_command = commands
+    assert install_and_train == "pip install -e '.[dev]' && aigc-ray train"
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "pip install --quiet -e '.[dev]'" in ci
+    assert ci.strip().splitlines()[-1] == test_command  # CI ends by running the README's test command
+
+
+def test_packaging_matches_the_readme():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert project["name"] == "aigc-ray"
+    assert project["scripts"]["aigc-ray"] == "aigc_ray.cli:main"
+    assert "dev" in project["optional-dependencies"]
+
+
+def _aigc_lines() -> list[str]:
+    lines = []
+    for block in code_blocks(README):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = line.split("  #")[0].strip()
+            for part in line.split("&&"):
+                part = part.strip()
+                idx = part.find("aigc-ray ")
+                if idx != -1 and "ray job submit" not in part[:idx]:
+                    lines.append(part[idx:])
+    return lines
+
+
+@pytest.mark.parametrize("line", _aigc_lines())
+def test_every_readme_command_parses(line):
+    args = shlex.split(re.sub(r"<[^>]+>", "x", line))[1:]
+    parser = build_parser()
+    parser.exit = lambda status=0, message=None: (_ for _ in ()).throw(AssertionError(message))
+    parser.error = lambda message: (_ for _ in ()).throw(AssertionError(f"{line}: {message}"))
+    parser.parse_args(args)
