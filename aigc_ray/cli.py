@@ -101,6 +101,53 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from aigc_ray.tuning.spec import load_spec
+
+    spec = load_spec(args.spec, smoke=args.smoke_test, num_samples=args.num_samples)
+    if args.metric:
+        spec = dataclasses.replace(spec, metric=args.metric)
+    if args.dry_run:
+        print(yaml.safe_dump(dataclasses.asdict(spec), sort_keys=False))
+        return 0
+    from aigc_ray.tuning.sweep import format_table, run_sweep
+
+    outcome = run_sweep(spec, out=args.out, storage_path=args.storage_path, resume=args.resume, address=args.address)
+    print(format_table(outcome))
+    if outcome.interrupted:
+        print(f"sweep interrupted; continue it with: aigc-ray tune --spec {args.spec} --resume"
+              + (" --smoke-test" if args.smoke_test else "") + f" --out {args.out}", file=sys.stderr)
+        return 130
+    if outcome.exported:
+        print(f"best checkpoint: {outcome.exported}  (aigc-ray serve --checkpoint {outcome.exported})")
+    return 0 if outcome.best is not None else 1
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from aigc_ray.eval import evaluate_checkpoint, format_table
+
+    if args.num_samples is not None and args.num_samples < 10:
+        raise ValueError("--num-samples must be >= 10")
+    result = evaluate_checkpoint(args.checkpoint, num_samples=args.num_samples, seed=args.seed,
+                                 write_card=not args.no_card)
+    card = result["card"]
+    print(json.dumps(card, indent=2) if args.json else format_table(card))
+    if not args.no_card:
+        print(f"card written: {args.checkpoint.rstrip('/')}/card.json", file=sys.stderr)
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from aigc_ray.serving.app import run_until_interrupted
+
+    options = {"checkpoints": args.checkpoint, "max_num_images": args.max_num_images,
+               "min_replicas": args.min_replicas, "max_replicas": args.max_replicas}
+    return run_until_interrupted(options, host=args.host, http_port=args.http_port, grpc_port=args.grpc_port,
+                                 address=args.address)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="aigc-ray", description="Train, tune, evaluate and serve image generators (GANs, VAEs) on Ray.",
@@ -125,7 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a generator with Ray Train (local Ray or a cluster)",
                        description="Data-parallel training with Ray Train. Without --address or RAY_ADDRESS it "
                                    "starts a local Ray; under `ray job submit` it joins that cluster. The last "
-                                   "line printed is the final checkpoint's path.")
+                                   "line printed is the path of the best checkpoint by domain FID (evaluated "
+                                   "every eval.every_epochs epochs and at the end; the last checkpoint with "
+                                   "--set eval.enabled=false).")
     _add_config_args(p)
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
@@ -141,6 +190,53 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nrow", type=int, help="images per grid row (default: square)")
     p.add_argument("--out", default="samples.png")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("eval", help="score a checkpoint: domain FID/KID, floor, ceiling; writes card.json",
+                       description="Generate images from the checkpoint and compare them with the real training "
+                                   "images through the dataset's own feature network (trained once, cached beside "
+                                   "the prepared data): FID, KID, precision/recall, and for labelled data the "
+                                   "classifier inception score and mode coverage. Each metric comes with its floor "
+                                   "(real test vs real train images at the same sample count) and its ceiling (the "
+                                   "untrained generator); ratio = value / floor. Writes card.json into the checkpoint.")
+    p.add_argument("--checkpoint", required=True, help="checkpoint directory (or s3:// / gs:// URI)")
+    p.add_argument("--num-samples", type=int, help="images compared (default: the checkpoint's eval.num_samples); "
+                                                   "capped at the dataset's smaller split")
+    p.add_argument("--seed", type=int, default=0, help="seed of the latents and of the real images drawn")
+    p.add_argument("--json", action="store_true", help="print the whole card as JSON instead of the table")
+    p.add_argument("--no-card", action="store_true", help="don't write card.json")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("tune", help="hyperparameter sweep with Ray Tune (ASHA, PBT, FIFO), scored by domain FID",
+                       description="Run the sweep a spec (tune/*.yaml) describes: one Ray Train run per trial, one "
+                                   "line per trial report, then a table and the best trial, whose best checkpoint "
+                                   "is exported to OUT/best (servable, and loadable by `aigc-ray generate`).")
+    p.add_argument("--spec", required=True, help="sweep spec YAML, e.g. tune/dcgan_asha.yaml")
+    p.add_argument("--num-samples", type=int, help="override the spec's num_samples")
+    p.add_argument("--smoke-test", action="store_true", help="apply the spec's smoke: variant (tiny, for CI)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted sweep of the same name (finished trials are kept, not rerun)")
+    p.add_argument("--storage-path", help="where Tune and Train keep trials and checkpoints: a shared path or "
+                                          "s3:// / gs:// URI (default: --out)")
+    p.add_argument("--out", default="runs/tune", help="local output: summary.json and best/ (default: runs/tune)")
+    p.add_argument("--metric", help="rank trials by this metric instead of the spec's (e.g. loss_g)")
+    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--dry-run", action="store_true", help="print the validated spec and exit")
+    p.set_defaults(func=cmd_tune)
+
+    p = sub.add_parser("serve", help="serve checkpoints over HTTP and gRPC with Ray Serve (until Ctrl-C)",
+                       description="Deploy one autoscaled, batching model deployment per checkpoint behind HTTP "
+                                   "(/v1/generate, /docs) and gRPC (aigc.v1.Generator, grpc.health.v1). The first "
+                                   "checkpoint is the default model; requests pick others by name ('model').")
+    p.add_argument("--checkpoint", action="append", required=True, metavar="[NAME=]PATH",
+                   help="checkpoint directory or s3:// / gs:// URI (repeatable); NAME defaults to the run directory")
+    p.add_argument("--host", default="127.0.0.1", help="HTTP bind address (gRPC: Ray binds all interfaces)")
+    p.add_argument("--http-port", type=int, default=8000)
+    p.add_argument("--grpc-port", type=int, default=9000)
+    p.add_argument("--min-replicas", type=int, default=1, help="autoscaling floor per model")
+    p.add_argument("--max-replicas", type=int, default=2, help="autoscaling ceiling per model")
+    p.add_argument("--max-num-images", type=int, default=64, help="most images per request")
+    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    p.set_defaults(func=cmd_serve)
     return parser
 
 

@@ -192,16 +192,28 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    every_epochs: int = 0
-    """Score the checkpoint every this many epochs during training (0 = only at the end)."""
+    every_epochs: int = 5
+    """Score a checkpoint every this many epochs during training, and always at the end (0 = only
+    at the end). Ray keeps the best checkpoints by FID, and `aigc-ray train` names the best."""
     num_samples: int = 1000
-    """Generated images per evaluation (the floor uses as many real ones)."""
+    """Generated images per evaluation (the floor uses as many real ones); capped at the size of
+    the dataset's smaller split, so every number in a card uses one sample count."""
     enabled: bool = True
     """Evaluate during/after training at all."""
+    seed: int = 0
+    """Seed of the latents and of the real images drawn for the comparison (same seed, same numbers)."""
+    cpus: float = 1.0
+    """CPUs reserved for each evaluation task; 0 schedules it without a reservation (for a cluster
+    whose CPUs the training workers take entirely: a reserved task would wait there)."""
+    timeout_s: float = 900.0
+    """An evaluation still unfinished after this many seconds is cancelled (its checkpoint stays
+    unscored); 0 = no limit."""
 
     def __post_init__(self) -> None:
         _check(self.every_epochs >= 0, "eval.every_epochs must be >= 0")
         _check(self.num_samples >= 10, "eval.num_samples must be >= 10")
+        _check(self.cpus >= 0, "eval.cpus must be >= 0")
+        _check(self.timeout_s >= 0, "eval.timeout_s must be >= 0 (0 = no limit)")
 
 
 @dataclass

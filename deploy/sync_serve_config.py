@@ -1,5 +1,7 @@
-"""Copy serve/config.yaml into deploy/rayservice.yaml's serveConfigV2 (verbatim), so the
-RayService serves exactly what `serve deploy serve/config.yaml` serves.
+"""Copy serve/config.yaml into deploy/rayservice.yaml's serveConfigV2, so the RayService serves
+exactly what `serve deploy serve/config.yaml` serves. One line differs: the proxies bind the pod's
+address (http_options.host 0.0.0.0) instead of 127.0.0.1, or KubeRay's ClusterIP serve service and
+its health checks could not reach them; the pod network is still not public.
 
     python deploy/sync_serve_config.py          # rewrite the manifest
     python deploy/sync_serve_config.py --check  # exit 1 if they differ (CI)
@@ -17,6 +19,24 @@ KEY = "  serveConfigV2: |\n"
 INDENT = "    "
 
 
+POD_HOST = "0.0.0.0"
+
+
+def for_pods(serve_config: str) -> str:
+    """serve/config.yaml's text with http_options.host set to the pod's address (comments kept)."""
+    lines, in_http, done = serve_config.splitlines(keepends=True), False, False
+    for i, line in enumerate(lines):
+        if line.strip() and not line.startswith((" ", "#")):
+            in_http = line.startswith("http_options:")
+        elif in_http and line.lstrip().startswith("host:"):
+            indent = line[: len(line) - len(line.lstrip())]
+            lines[i] = f"{indent}host: {POD_HOST}  # the pod's address; reached only through ClusterIP services\n"
+            done = True
+    if not done:
+        raise ValueError(f"{SERVE_CONFIG} has no http_options.host line")
+    return "".join(lines)
+
+
 def synced(manifest: str, serve_config: str) -> str:
     """The manifest text with serveConfigV2's block replaced by ``serve_config``."""
     head, sep, rest = manifest.partition(KEY)
@@ -30,7 +50,7 @@ def synced(manifest: str, serve_config: str) -> str:
 
 def main(argv: list[str]) -> int:
     current = MANIFEST.read_text()
-    wanted = synced(current, SERVE_CONFIG.read_text())
+    wanted = synced(current, for_pods(SERVE_CONFIG.read_text()))
     if "--check" in argv:
         if wanted != current:
             print(f"{MANIFEST.relative_to(ROOT)} is out of date: run python deploy/sync_serve_config.py",

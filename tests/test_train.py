@@ -22,7 +22,8 @@ def _run(cfg):
 
 def test_two_workers_train_write_a_checkpoint_and_resume(ray_session, tmp_path, data_root):
     cfg = tiny_config(tmp_path).with_overrides({
-        "data.data_root": str(data_root), "train.workers": 2, "train.epochs": 1, "train.name": "two-workers"})
+        "data.data_root": str(data_root), "train.workers": 2, "train.epochs": 1, "train.name": "two-workers",
+        "eval.enabled": False})  # this test is about the latest checkpoint; test_eval.py covers the best one
     first = _run(cfg)
     meta = read_meta(first.checkpoint)
     state = load_train_state(first.checkpoint)
@@ -50,7 +51,7 @@ def test_killed_worker_resumes_from_last_checkpoint(ray_session, tmp_path, data_
     every = 20
     cfg = tiny_config(tmp_path).with_overrides({
         "data.data_root": str(data_root), "train.epochs": 4, "train.checkpoint_every": every,
-        "train.max_failures": 2, "train.name": "killed"})
+        "train.max_failures": 2, "train.name": "killed", "eval.enabled": False})
     outcome: dict = {}
     thread = threading.Thread(target=lambda: outcome.update(result=_run(cfg)), daemon=True)
     thread.start()

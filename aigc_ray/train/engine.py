@@ -251,10 +251,10 @@ class Engine:
 
     def load_state_dict(self, state: dict) -> None:
         _unwrap(self.G).load_state_dict(state["generator"])
-        self._load_optimizer(self.opt_g, state["opt_g"])
+        self._load_optimizer(self.opt_g, state["opt_g"], self.cfg.train.lr_g)
         if self.D is not None:
             _unwrap(self.D).load_state_dict(state["discriminator"])
-            self._load_optimizer(self.opt_d, state["opt_d"])
+            self._load_optimizer(self.opt_d, state["opt_d"], self.cfg.train.lr_d)
         if self.ema is not None and "ema" in state:
             self.ema.load_state_dict(state["ema"])
         self.step, self.g_steps = state["step"], state["g_steps"]
@@ -262,11 +262,13 @@ class Engine:
         self._graphs.clear()  # captured graphs point at the optimizer state just replaced
         self._warmups.clear()
 
-    def _load_optimizer(self, opt: torch.optim.Optimizer, state: dict) -> None:
+    def _load_optimizer(self, opt: torch.optim.Optimizer, state: dict, lr: float) -> None:
         """Load with this engine's fused/capturable flags, not the saving machine's (a CPU
-        checkpoint resumed on a GPU, or the reverse)."""
-        state = dict(state, param_groups=[dict(copy.copy(g), **{k: self._adam[k] for k in ("fused", "capturable")})
-                                          for g in state["param_groups"]])
+        checkpoint resumed on a GPU, or the reverse), and with this config's learning rate and
+        betas: the config is the source of truth, so a PBT trial restored from another trial's
+        checkpoint trains at its own (mutated) hyperparameters."""
+        own = {k: self._adam[k] for k in ("fused", "capturable", "betas")} | {"lr": lr}
+        state = dict(state, param_groups=[dict(copy.copy(g), **own) for g in state["param_groups"]])
         opt.load_state_dict(state)
 
     @torch.no_grad()

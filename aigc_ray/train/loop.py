@@ -34,6 +34,8 @@ from aigc_ray.data.prepare import read_manifest
 from aigc_ray.models.checkpoint import load_train_state, save_checkpoint
 from aigc_ray.pipeline import grid_png, to_uint8
 from aigc_ray.train.engine import Engine
+from aigc_ray.train.validation import UNSCORED, best_checkpoint, finish_history, merge_evals
+from aigc_ray.train.validation import validation_config as default_validation_config
 
 GRID_SIDE = 8  # the fixed-noise sample grid is 8x8
 
@@ -97,7 +99,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     # [2] checkpoint in: resume where the last reported checkpoint left off
     start_epoch, skip_batches, resumes = 0, 0, []
-    checkpoint = ray.train.get_checkpoint()
+    # (a Tune PBT segment starts from the Tune checkpoint it was handed, see tuning/driver.py)
+    checkpoint = ray.train.get_checkpoint() or loop_config.get("init_checkpoint")
     if checkpoint:
         with checkpoint.as_directory() as ckpt_dir:
             state = load_train_state(ckpt_dir)
@@ -115,11 +118,14 @@ def train_loop_per_worker(loop_config: dict) -> None:
     history = _read_history(run_dir) if rank == 0 else []
     t = cfg.train
 
-    def report(metrics: dict, epoch: int, batch_in_epoch: int, with_checkpoint: bool) -> None:
-        # [4] report: every worker calls it (a barrier); rank 0 attaches the checkpoint
+    def report(metrics: dict, epoch: int, batch_in_epoch: int, with_checkpoint: bool, validate: bool = False) -> None:
+        # [4] report: every worker calls it (a barrier); rank 0 attaches the checkpoint, and
+        # asks for it to be evaluated by a separate Ray task (train/validation.py) while we train on
         if rank != 0 or not with_checkpoint:
             ray.train.report(metrics)
             return
+        if loop_config.get("unscored_fid"):  # until evaluated, a checkpoint ranks last by fid, not first
+            metrics = {"fid": UNSCORED} | metrics
         with tempfile.TemporaryDirectory() as tmp:
             state = engine.state_dict() | {"epoch": epoch, "batch_in_epoch": batch_in_epoch, "resumes": resumes}
             save_checkpoint(tmp, experiment=cfg, served_state=engine.served_module().state_dict(),
@@ -127,7 +133,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
                             train_state=state)
             samples = to_uint8(_grid_images(engine, cfg, z_fixed, labels_fixed, batches))
             Path(tmp, "samples.png").write_bytes(grid_png(samples, nrow=GRID_SIDE))
-            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
+            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp),
+                             validation=validate and bool(loop_config.get("validate")))
 
     started = time.perf_counter()
     for epoch in range(start_epoch, t.epochs):
@@ -155,9 +162,14 @@ def train_loop_per_worker(loop_config: dict) -> None:
                                          "images_per_s": images_seen / max(elapsed, 1e-9), "epoch_time_s": elapsed}
         if rank == 0:
             history.append(metrics)
+            if loop_config.get("validate"):
+                merge_evals(run_dir, history)  # FIDs of epochs evaluated so far, into metrics.jsonl
             _write_epoch_artifacts(run_dir, history, engine, cfg, z_fixed, labels_fixed, batches, epoch, last)
             _say(_epoch_line(metrics, t.epochs))
-        report(metrics, epoch + 1, 0, with_checkpoint=last or (epoch + 1) % t.checkpoint_every_epochs == 0)
+        every = cfg.eval.every_epochs
+        evaluate = bool(loop_config.get("validate")) and (last or bool(every and (epoch + 1) % every == 0))
+        report(metrics, epoch + 1, 0, with_checkpoint=last or evaluate or (epoch + 1) % t.checkpoint_every_epochs == 0,
+               validate=evaluate)
         if done:
             break
 
@@ -220,9 +232,11 @@ def _epoch_line(m: dict, epochs: int) -> str:
 
 @dataclass
 class TrainingOutcome:
-    checkpoint: str  # path or URI of the checkpoint `aigc-ray train` names at the end
+    checkpoint: str  # path or URI of the checkpoint `aigc-ray train` names at the end: the best by FID
     run_dir: str
-    metrics: dict
+    metrics: dict  # the latest report's
+    latest: str = ""  # the last checkpoint (the same as checkpoint when eval is off)
+    best_metrics: dict | None = None  # the named checkpoint's metrics, fid included, when evaluated
 
 
 def init_ray(address: str | None = None, workers: int = 1) -> None:
@@ -247,7 +261,7 @@ def cpus_per_worker(cfg: ExperimentConfig) -> int:
 
 
 def build_trainer(cfg: ExperimentConfig, *, callbacks=(), validation_config=None,
-                  checkpoint_score: str | None = None) -> tuple[TorchTrainer, str]:
+                  checkpoint_score: str | None = None, init_checkpoint: Checkpoint | None = None) -> tuple[TorchTrainer, str]:
     prepared = ensure_prepared(cfg.data, cfg.train.seed)
     manifest = read_manifest(prepared)
     storage_path = storage.resolve(cfg.train.storage_path or cfg.train.out)
@@ -259,17 +273,22 @@ def build_trainer(cfg: ExperimentConfig, *, callbacks=(), validation_config=None
         raise ValueError(f"model.num_classes={cfg.model.num_classes} but {cfg.data.dataset} has "
                          f"{manifest['num_classes']} classes")
     cpus = cpus_per_worker(cfg)
+    own_validation = validation_config is None and cfg.eval.enabled
+    if own_validation:  # score checkpoints by domain FID; keep the best ones and the latest
+        validation_config, checkpoint_score = default_validation_config(cfg, run_dir), "fid"
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"experiment": cfg.to_dict(), "dataset": dataset_info, "run_dir": run_dir,
-                           "cpus_per_worker": cpus},
+                           "cpus_per_worker": cpus, "init_checkpoint": init_checkpoint,
+                           "validate": validation_config is not None, "unscored_fid": own_validation},
         scaling_config=ScalingConfig(num_workers=cfg.train.workers, use_gpu=cfg.train.use_gpu,
                                      resources_per_worker={"CPU": cpus}),
         run_config=RunConfig(
             name=cfg.run_name, storage_path=storage_path,
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
             checkpoint_config=CheckpointConfig(
-                num_to_keep=cfg.train.keep_checkpoints if not checkpoint_score else None,
+                # with a score: the best keep_checkpoints by it, plus the latest (Ray never deletes that)
+                num_to_keep=cfg.train.keep_checkpoints,
                 checkpoint_score_attribute=checkpoint_score, checkpoint_score_order="min"),
             callbacks=list(callbacks), logging_config=LoggingConfig(log_level="WARNING")),
         datasets={"train": train_dataset(prepared)},
@@ -288,13 +307,27 @@ def run_training(cfg: ExperimentConfig, *, address: str | None = None) -> Traini
     if final is None:
         raise RuntimeError(f"training run {cfg.run_name} reported no checkpoint")
     storage.write_bytes(storage.join(run_dir, "config.yaml"), cfg.to_yaml().encode())
-    # Ray gives the path inside its filesystem ("bucket/run/checkpoint_..." on s3): name a URI
-    checkpoint = f"{run_dir.split('://')[0]}://{final.path}" if storage.is_uri(run_dir) else final.path
-    return TrainingOutcome(checkpoint=checkpoint, run_dir=run_dir, metrics=dict(result.metrics or {}))
+    finish_history(run_dir)  # evaluated epochs' FIDs into metrics.jsonl, metrics.png
+    # GAN quality often worsens late: name the checkpoint with the lowest FID, not the last one
+    best = best_checkpoint(result) if cfg.eval.enabled else None
+    if cfg.eval.enabled and best is None:
+        print(f"warning: no checkpoint of {cfg.run_name} was evaluated; naming the latest", file=sys.stderr)
+    chosen, best_metrics = best or (final, {})
+
+    def uri(path: str) -> str:  # Ray gives the path inside its filesystem ("bucket/run/ckpt" on s3)
+        return f"{run_dir.split('://')[0]}://{path}" if storage.is_uri(run_dir) else path
+
+    return TrainingOutcome(checkpoint=uri(chosen.path), run_dir=run_dir, metrics=dict(result.metrics or {}),
+                           latest=uri(final.path), best_metrics=dict(best_metrics))
 
 
 def main_print(outcome: TrainingOutcome) -> None:
     print(f"run directory: {outcome.run_dir}", file=sys.stderr)
+    m = outcome.best_metrics or {}
+    if "fid" in m:
+        print(f"best checkpoint by domain FID: fid={m['fid']:.4g} (floor {m['fid_floor']:.4g}, "
+              f"{m['fid'] / max(m['fid_floor'], 1e-12):.2f}x) at epoch {m.get('epoch')}; "
+              f"card.json inside; latest: {outcome.latest}", file=sys.stderr)
     print(outcome.checkpoint)  # the last line is the checkpoint's path, for scripts
 
 

@@ -1,0 +1,152 @@
+"""The domain feature network: what the house FID looks through.
+
+Inception weights can't be fetched offline and see 8x8 digits as noise, so each prepared
+dataset gets its own small CNN, trained once on the train split (seconds on a CPU) and
+cached beside the shards as ``featnet-<hash>.safetensors`` + ``featnet-<hash>.json``, keyed
+by the manifest's content hash (new data -> new network). Its penultimate layer feeds
+torchmetrics' FID/KID through their ``feature=`` argument.
+
+Labelled datasets (>= 2 classes) get a classifier (features + logits; accuracy on the test
+split recorded). Unlabelled ones (num_classes 0 or 1) get a small autoencoder instead: its
+bottleneck gives features, but there are no class predictions, so the inception score and
+mode coverage are not available for them.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from aigc_ray import storage
+from aigc_ray.data.pipeline import load_split
+from aigc_ray.data.prepare import read_manifest
+
+FEATURE_DIM = 64
+MAX_SIDE = 32  # larger images are downsampled first: the net stays seconds-cheap at 128 px
+TRAIN_STEPS = 300
+BATCH = 128
+FORMAT = "aigc-ray-featnet/1"
+
+
+class FeatureNet(nn.Module):
+    """uint8 (N, C, S, S) -> features (N, FEATURE_DIM); ``logits`` gives class scores (classifier
+    kind) and ``reconstruct`` the decoded image (autoencoder kind). ``num_features`` lets
+    torchmetrics skip its dummy forward pass."""
+
+    def __init__(self, channels: int, image_size: int, num_classes: int, width: int = 32):
+        super().__init__()
+        self.channels, self.image_size, self.num_classes = channels, image_size, num_classes
+        self.side = min(image_size, MAX_SIDE)
+        self.num_features = FEATURE_DIM
+        self.trunk = nn.Sequential(
+            nn.Conv2d(channels, width, 3, padding=1), nn.LeakyReLU(0.1),
+            nn.Conv2d(width, 2 * width, 3, stride=2, padding=1), nn.LeakyReLU(0.1),
+            nn.Conv2d(2 * width, 4 * width, 3, stride=2, padding=1), nn.LeakyReLU(0.1),
+            nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(16 * width, FEATURE_DIM))
+        if num_classes >= 2:
+            self.head = nn.Linear(FEATURE_DIM, num_classes)
+        else:  # a linear decoder is enough to make the bottleneck keep what distinguishes images
+            self.head = nn.Linear(FEATURE_DIM, channels * self.side * self.side)
+        # features are standardised with the train split's statistics (set after training), so
+        # FID/KID land on the same scale for every dataset and KID's cubic kernel stays tame
+        self.register_buffer("feat_mean", torch.zeros(FEATURE_DIM))
+        self.register_buffer("feat_std", torch.ones(FEATURE_DIM))
+
+    @property
+    def kind(self) -> str:
+        return "classifier" if self.num_classes >= 2 else "autoencoder"
+
+    def prep(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.float() / 127.5 - 1 if images.dtype == torch.uint8 else images.float()
+        if x.shape[-1] != self.side:
+            x = F.interpolate(x, size=(self.side, self.side), mode="area")
+        return x
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Standardised penultimate features: what FID, KID and precision/recall see."""
+        return (self.trunk(self.prep(images)) - self.feat_mean) / self.feat_std
+
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        if self.kind != "classifier":
+            raise ValueError("an autoencoder feature net has no class logits")
+        return self.head(F.leaky_relu(self.trunk(self.prep(images)), 0.1))
+
+    def reconstruct(self, images: torch.Tensor) -> torch.Tensor:
+        out = torch.tanh(self.head(self.trunk(self.prep(images))))
+        return out.view(len(images), self.channels, self.side, self.side)
+
+
+def _names(content_hash: str) -> tuple[str, str]:
+    stem = f"featnet-{content_hash[:16]}"
+    return f"{stem}.safetensors", f"{stem}.json"
+
+
+def load_or_train(prepared: str, seed: int = 0, quiet: bool = False) -> tuple[FeatureNet, dict]:
+    """The dataset's feature net (eval mode, CPU) and its info json; trained and cached on first use."""
+    manifest = read_manifest(prepared)
+    weights_name, info_name = _names(manifest["content_hash"])
+    info_path, weights_path = storage.join(prepared, info_name), storage.join(prepared, weights_name)
+    num_classes = manifest["num_classes"] if manifest["num_classes"] >= 2 else 0
+    if storage.exists(info_path) and storage.exists(weights_path):
+        info = json.loads(storage.read_bytes(info_path))
+        net = FeatureNet(manifest["channels"], manifest["image_size"], num_classes)
+        with tempfile.TemporaryDirectory() as tmp:
+            local = Path(tmp, weights_name)
+            local.write_bytes(storage.read_bytes(weights_path))
+            net.load_state_dict(load_file(str(local)))
+        return net.eval(), info
+    if num_classes == 0 and not quiet:
+        print(f"eval: {manifest['source']} has no class labels (num_classes={manifest['num_classes']}); domain "
+              "features come from a small autoencoder trained on it instead of a classifier, and the "
+              "inception score and mode coverage are not available", file=sys.stderr)
+    net, info = _train(prepared, manifest, num_classes, seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(Path(tmp, weights_name)),
+                  metadata={"format": FORMAT})
+        # weights first, info last: a reader that sees the info finds the weights complete
+        storage.write_bytes(weights_path, Path(tmp, weights_name).read_bytes())
+    storage.write_bytes(info_path, json.dumps(info, indent=2).encode())
+    return net.eval(), info
+
+
+def _train(prepared: str, manifest: dict, num_classes: int, seed: int) -> tuple[FeatureNet, dict]:
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    x_train, y_train = load_split(prepared, "train")
+    x_test, y_test = load_split(prepared, "test")
+    net = FeatureNet(manifest["channels"], manifest["image_size"], num_classes)
+    opt = torch.optim.Adam(net.parameters(), lr=2e-3)
+    net.train()
+    for _ in range(TRAIN_STEPS):
+        idx = torch.randint(len(x_train), (min(BATCH, len(x_train)),), generator=gen)
+        x = x_train[idx]
+        if num_classes:
+            loss = F.cross_entropy(net.logits(x), y_train[idx])
+        else:
+            loss = F.mse_loss(net.reconstruct(x), net.prep(x))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    net.eval()
+    with torch.no_grad():
+        feats = torch.cat([net.trunk(net.prep(b)) for b in x_train.split(512)])
+        net.feat_mean.copy_(feats.mean(0))
+        net.feat_std.copy_(feats.std(0).clamp_min(1e-6))
+    info = {"format": FORMAT, "kind": net.kind, "content_hash": manifest["content_hash"],
+            "source": manifest["source"], "num_classes": num_classes, "feature_dim": FEATURE_DIM,
+            "input_side": net.side, "train_steps": TRAIN_STEPS, "seed": seed}
+    with torch.no_grad():
+        if num_classes:
+            pred = torch.cat([net.logits(b).argmax(1) for b in x_test.split(512)])
+            info["test_accuracy"] = round(float((pred == y_test).float().mean()), 4)
+        else:
+            err = [F.mse_loss(net.reconstruct(b), net.prep(b), reduction="sum") for b in x_test.split(512)]
+            info["test_mse"] = round(float(sum(err)) / (len(x_test) * net.channels * net.side**2), 5)
+    return net, info

@@ -1,0 +1,107 @@
+"""Tune trial functions: each trial is a Ray Train run (Train V2: Tune drives Train from a
+driver function, ``Tuner(driver_fn)``).
+
+- ``run_trial`` (ASHA, FIFO): one TorchTrainer per trial, named after the trial id, so a
+  restored sweep finds the trial's Train run and resumes it from its last checkpoint. Train's
+  ``TuneReportCallback`` forwards each epoch's report to Tune; the FID arrives from the
+  validation function (tuning/evaluation.py), with the epoch it scores.
+- ``run_pbt_trial`` (PBT): training in segments of ``perturbation_interval`` epochs, each a
+  fresh TorchTrainer started from ``ray.tune.get_checkpoint()`` with the trial's *current*
+  config, so mutated hyperparameters are in force from the first start and after every
+  exploit (the engine takes the learning rate and betas from the config, not from the
+  optimizer state it loads). The segment's last checkpoint is reported to Tune, which PBT
+  clones.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import uuid
+from typing import Any
+
+import ray.tune
+from ray.tune.integration.ray_train import TuneReportCallback
+
+from aigc_ray import storage
+from aigc_ray.config import ExperimentConfig
+from aigc_ray.tuning import evaluation
+
+TRAIN_RUNS = "train"  # Train runs live under <storage>/<sweep>/train/<trial id>
+
+
+def trial_config(sweep: dict[str, Any], config: dict[str, Any], name: str, epochs: int | None = None) -> ExperimentConfig:
+    """The trial's ExperimentConfig: base + fixed overrides + its searched values (config["space"])."""
+    cfg = ExperimentConfig.from_dict(sweep["base"])
+    overrides = dict(config["space"]) | {"train.name": name, "train.storage_path": sweep["train_storage"],
+                                         "train.out": sweep["out"]}
+    if epochs is not None:
+        overrides["train.epochs"] = epochs
+    return cfg.with_overrides(overrides)
+
+
+class ForwardToTune(TuneReportCallback):
+    """Train's TuneReportCallback, minus the placeholder FID (inf) that a checkpoint carries
+    until its evaluation finishes: a scheduler must only ever see real scores."""
+
+    def after_report(self, run_context, metrics, checkpoint):
+        first = {k: v for k, v in metrics[0].items() if not (isinstance(v, float) and math.isinf(v))}
+        super().after_report(run_context, [first, *metrics[1:]], checkpoint)
+
+
+def _build(cfg: ExperimentConfig, forward: bool, **kwargs):
+    """The trial's TorchTrainer, with the loop's FID validation adapted to Tune. Passing the
+    validation config in (rather than letting build_trainer add its own) also leaves out the
+    fid=inf placeholder on unscored checkpoints: Train's snapshot stores it as null, and a
+    resumed run then fails to rank them. The sweep keeps every evaluated checkpoint instead."""
+    from aigc_ray.train.loop import build_trainer
+    from aigc_ray.train.validation import validation_config
+
+    validation = None
+    if cfg.eval.enabled:
+        run_dir = storage.join(storage.resolve(cfg.train.storage_path or cfg.train.out), cfg.run_name)
+        validation = evaluation.for_tune(validation_config(cfg, run_dir), forward)
+    return build_trainer(cfg, validation_config=validation, **kwargs)
+
+
+def run_trial(config: dict[str, Any], sweep: dict[str, Any]) -> None:
+    """ASHA / FIFO trial: one Train run, reports forwarded to Tune as they happen."""
+    trial_id = ray.tune.get_context().get_trial_id()
+    cfg = trial_config(sweep, config, name=trial_id)
+    trainer, _ = _build(cfg, forward=True, callbacks=[ForwardToTune()])
+    trainer.fit()
+
+
+def run_pbt_trial(config: dict[str, Any], sweep: dict[str, Any]) -> None:
+    """PBT trial: segments of perturbation_interval epochs from the current Tune checkpoint."""
+    from aigc_ray.models.checkpoint import read_meta
+
+    trial_id = ray.tune.get_context().get_trial_id()
+    interval, budget, metric = sweep["perturbation_interval"], sweep["epochs"], sweep["metric"]
+    start = ray.tune.get_checkpoint()
+    epoch = 0
+    if start is not None:
+        with start.as_directory() as directory:
+            epoch = int(read_meta(directory)["epoch"])
+    while epoch < budget:
+        stop = min(epoch + interval, budget)
+        # a fresh Train run per segment: its name must not find a run left by a segment this
+        # trial started before an exploit replaced its weights
+        cfg = trial_config(sweep, config, name=f"{trial_id}-e{epoch:04d}-{uuid.uuid4().hex[:6]}", epochs=stop)
+        trainer, run_dir = _build(cfg, forward=False, init_checkpoint=start)
+        result = trainer.fit()
+        last = result.checkpoint
+        scored = dict(result.metrics or {})
+        for checkpoint, metrics in result.best_checkpoints or []:
+            if checkpoint.path == last.path:
+                scored |= metrics  # the validation scores merged into the last checkpoint's metrics
+        value = scored.get(metric)
+        if not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise RuntimeError(f"PBT segment {epoch}->{stop} of trial {trial_id} has no {metric!r} (got {value!r})")
+        with last.as_directory() as directory:
+            report = {k: v for k, v in scored.items() if isinstance(v, (int, float))} | {"epoch": stop}
+            ray.tune.report(report, checkpoint=ray.tune.Checkpoint.from_directory(directory))
+        start = ray.tune.get_checkpoint()  # Tune's copy: the segment's own run can go
+        if not storage.is_uri(run_dir):
+            shutil.rmtree(run_dir, ignore_errors=True)
+        epoch = stop

@@ -1,0 +1,75 @@
+"""The sweep's view of the domain-FID evaluation (aigc_ray.eval, issue 3).
+
+Trials are scored by Ray Train V2's asynchronous validation, as plain training runs are: the
+loop reports a checkpoint with ``validation=True`` on evaluated epochs and a Ray task scores
+it (train/validation.py). ``for_tune`` wraps that validation so the scores also reach the
+trial's Tune session (Train's ``TuneReportCallback`` forwards only the training report,
+which has no FID yet).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from typing import Any
+
+
+def _evaluate_fn():
+    try:
+        module = importlib.import_module("aigc_ray.eval")
+    except ImportError as err:  # pragma: no cover - the package ships with aigc_ray
+        return None, f"aigc_ray.eval can't be imported ({err})"
+    fn = getattr(module, "evaluate_checkpoint", None)
+    if fn is None:
+        try:
+            fn = importlib.import_module("aigc_ray.eval.quality").evaluate_checkpoint
+        except (ImportError, AttributeError):
+            return None, "aigc_ray.eval.evaluate_checkpoint is missing"
+    return fn, ""
+
+
+def unavailable() -> str:
+    """Empty when checkpoints can be scored; otherwise what is missing."""
+    return _evaluate_fn()[1]
+
+
+def score_checkpoint(directory: str, num_samples: int | None = None, seed: int = 0, write_card: bool = False) -> dict:
+    """FID, KID, floor and ratio of a local checkpoint directory."""
+    fn, missing = _evaluate_fn()
+    if fn is None:
+        raise RuntimeError(missing)
+    return dict(fn(directory, num_samples=num_samples, seed=seed, write_card=write_card))
+
+
+class ForwardingValidator:
+    """Wraps the training loop's validation function (train/validation.py): the same scores
+    and quality card, also reported to the Tune trial that started the run, with the
+    checkpoint's epoch so schedulers line them up with the training reports."""
+
+    def __init__(self, inner: Any, queue: Any):
+        self.inner, self.queue = inner, queue
+
+    def __call__(self, checkpoint, **kwargs: Any) -> dict:
+        metrics = self.inner(checkpoint, **kwargs)
+        if self.queue is not None:
+            with checkpoint.filesystem.open_input_stream(f"{checkpoint.path}/config.json") as f:
+                meta = json.loads(f.read())
+            numeric = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+            self.queue.put(numeric | {"epoch": meta["epoch"], "step": meta["step"], "checkpoint_path": checkpoint.path})
+        return metrics
+
+
+def for_tune(config, forward: bool):
+    """The trainer's ValidationConfig, adapted to run inside a Tune trial (call it there).
+    ``forward=False``: scores only land in the run's checkpoint metrics (PBT reports them
+    itself, with its Tune checkpoint)."""
+    import ray.train
+    from ray.train._internal.session import get_session
+
+    # the queue Train's TuneReportCallback also uses: what is put on it becomes a Tune result
+    queue = get_session()._get_or_create_inter_actor_queue() if forward else None
+    # the trial's placement group holds only the driver's token CPU: schedule the scoring
+    # task on the cluster at large, or it can never start
+    remote = dict(config.ray_remote_kwargs) | {"scheduling_strategy": "DEFAULT"}
+    return ray.train.ValidationConfig(ForwardingValidator(config.fn, queue), task_config=config.task_config,
+                                      ray_remote_kwargs=remote)

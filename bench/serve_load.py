@@ -1,0 +1,202 @@
+"""Serving load benchmark: what dynamic batching buys, what HTTP / gRPC cost, and a swap under load.
+
+    python bench/serve_load.py [--duration 6] [--concurrency 1 8 64] [--checkpoint PATH] [--checkpoint-b PATH]
+
+One checkpoint (default: a freshly initialised dcgan-digits generator, 16x16, width 64; the weights do
+not change the cost), one model replica, requests of --images-per-request images:
+  (a) in-process GeneratorPipeline.generate on batches of `concurrency` images (the ceiling: no Serve),
+  (b) Serve HTTP with @serve.batch (max_batch_images 64), (c) Serve HTTP without batching (max 1),
+  (d) Serve gRPC with batching;
+at each concurrency: images/s, p50/p99 latency (ms), errors; ratios (b)/(c) and (d)/(b) at the highest
+concurrency and (b)/(a). Then the swap check: load at concurrency 16 while the checkpoint is swapped
+to a second one; expects zero failed requests and responses switching version.
+Writes bench/results/serve_load.json. The load generator runs on the same machine (asyncio clients).
+"""
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+def make_checkpoint(path: Path, seed: int) -> str:
+    import torch
+
+    from aigc_ray.config import load_config
+    from aigc_ray.models import build_generator
+    from aigc_ray.models.checkpoint import save_checkpoint
+
+    cfg = load_config("dcgan-digits")
+    torch.manual_seed(seed)
+    model = build_generator(cfg.model)
+    save_checkpoint(path, experiment=cfg, served_state=model.state_dict(), step=seed, epoch=0, ema=True, dataset={})
+    return str(path)
+
+
+def summarize(latencies: list[float], images: int, errors: int, seconds: float) -> dict:
+    lat = sorted(latencies) or [float("nan")]
+    return {"images_per_s": round(images / seconds, 1), "p50_ms": round(1e3 * lat[len(lat) // 2], 2),
+            "p99_ms": round(1e3 * lat[min(len(lat) - 1, int(0.99 * len(lat)))], 2), "requests": len(latencies),
+            "errors": errors}
+
+
+def bench_inprocess(checkpoint: str, concurrency: int, duration: float) -> dict:
+    from aigc_ray.pipeline import GeneratorPipeline
+
+    pipe = GeneratorPipeline.from_checkpoint(checkpoint)
+    pipe.generate(list(range(concurrency)))  # warm-up
+    lat, n, start = [], 0, time.perf_counter()
+    while time.perf_counter() - start < duration:
+        t = time.perf_counter()
+        pipe.generate(list(range(n, n + concurrency)))
+        lat.append(time.perf_counter() - t)
+        n += concurrency
+    # every image of a batch waits for the whole batch: per-request latency = batch latency
+    return summarize(lat, n, 0, time.perf_counter() - start)
+
+
+async def load(send, concurrency: int, duration: float, per_request: int, seen: list | None = None) -> dict:
+    lat, errors, stop = [], [0], time.perf_counter() + duration
+
+    async def worker(w: int):
+        i = 0
+        while time.perf_counter() < stop:
+            t = time.perf_counter()
+            try:
+                version = await send(seed=w * 1_000_000 + i, n=per_request)
+                lat.append(time.perf_counter() - t)
+                if seen is not None:
+                    seen.append((t, version))
+            except Exception as err:  # counted, and the first few shown
+                errors[0] += 1
+                if errors[0] <= 3:
+                    print(f"  request failed: {type(err).__name__}: {str(err)[:200]}", file=sys.stderr)
+            i += 1
+
+    start = time.perf_counter()
+    await asyncio.gather(*(worker(w) for w in range(concurrency)))
+    return summarize(lat, len(lat) * per_request, errors[0], time.perf_counter() - start)
+
+
+def http_sender(client):
+    async def send(seed: int, n: int) -> str:
+        r = await client.post("/v1/generate", json={"num_images": n, "seed": seed})
+        r.raise_for_status()
+        return r.json()["model_version"]
+    return send
+
+
+def grpc_sender(stub):
+    from aigc_ray.serving.proto import aigc_pb2
+
+    async def send(seed: int, n: int) -> str:
+        resp = await stub.Generate(aigc_pb2.GenerateRequest(num_images=n, seed=seed), timeout=60)
+        return resp.model_version
+    return send
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def run_serve_modes(args, ckpt_a: str, ckpt_b: str, results: dict) -> None:
+    import grpc
+    import httpx
+
+    from aigc_ray.serving import app
+    from aigc_ray.serving.proto import aigc_pb2_grpc
+
+    http_port, grpc_port = free_port(), free_port()
+    app.start(http_port=http_port, grpc_port=grpc_port, request_timeout_s=60)
+    base = {"max_num_images": 64, "min_replicas": 1, "max_replicas": 1, "replica_cpus": 1, "request_timeout_s": 60}
+    limits = httpx.Limits(max_connections=256, max_keepalive_connections=256)
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{http_port}", timeout=60, limits=limits) as client, \
+            grpc.aio.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+        stub = aigc_pb2_grpc.GeneratorStub(channel)
+        # (c) first, so (b), (d) and the swap share one batched deployment and the swap is a pure user_config change
+        for mode, batch, sender in [("c_http_unbatched", 1, http_sender(client)), ("b_http_batched", 64, http_sender(client)),
+                                    ("d_grpc_batched", 64, grpc_sender(stub))]:
+            if mode != "d_grpc_batched":  # (d) reuses (b)'s deployment
+                await asyncio.to_thread(app.deploy, {**base, "checkpoints": [f"gen={ckpt_a}"], "max_batch_images": batch})
+            await load(sender, 4, 1.0, args.images_per_request)  # warm-up
+            for c in args.concurrency:
+                results[mode][str(c)] = r = await load(sender, c, args.duration, args.images_per_request)
+                print(f"{mode:18s} c={c:<3d} {r['images_per_s']:8.1f} img/s  p50 {r['p50_ms']:8.1f} ms  "
+                      f"p99 {r['p99_ms']:8.1f} ms  errors {r['errors']}", flush=True)
+
+        # swap under load: batched deployment serving A; swap to B mid-run at concurrency 16
+        seen: list = []
+        task = asyncio.create_task(load(http_sender(client), 16, args.swap_duration, args.images_per_request, seen))
+        await asyncio.sleep(args.swap_duration / 3)
+        t_swap = time.perf_counter()
+        await asyncio.to_thread(app.deploy, {**base, "checkpoints": [f"gen={ckpt_b}"], "max_batch_images": 64})
+        swap_s = time.perf_counter() - t_swap
+        r = await task
+        versions = [v for _, v in sorted(seen)]
+        changes = sum(1 for a, b in zip(versions, versions[1:]) if a != b)
+        results["swap_under_load"] = {**r, "versions_in_order": list(dict.fromkeys(versions)), "version_changes": changes,
+                                      "swap_call_s": round(swap_s, 2),
+                                      "ok": r["errors"] == 0 and len(set(versions)) == 2 and versions[-1] != versions[0]}
+        print(f"swap under load (c=16): errors {r['errors']}, versions {results['swap_under_load']['versions_in_order']}, "
+              f"flips {changes}, redeploy call {swap_s:.1f}s -> {'OK' if results['swap_under_load']['ok'] else 'FAILED'}")
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--duration", type=float, default=6.0, help="seconds per (mode, concurrency) cell")
+    p.add_argument("--swap-duration", type=float, default=15.0)
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 64])
+    p.add_argument("--images-per-request", type=int, default=1)
+    p.add_argument("--checkpoint", help="checkpoint A (default: a fresh dcgan-digits init)")
+    p.add_argument("--checkpoint-b", help="checkpoint swapped to under load (default: another fresh init)")
+    p.add_argument("--num-cpus", type=int, default=2, help="CPUs for the local Ray")
+    p.add_argument("--out", default=str(Path(__file__).parent / "results" / "serve_load.json"))
+    args = p.parse_args()
+
+    import ray
+    from ray import serve
+
+    tmp = Path(tempfile.mkdtemp(prefix="serve-bench-"))
+    ckpt_a = args.checkpoint or make_checkpoint(tmp / "a" / "checkpoint_a", 1)
+    ckpt_b = args.checkpoint_b or make_checkpoint(tmp / "b" / "checkpoint_b", 2)
+    results: dict = {"config": {**vars(args), "machine": f"{os.cpu_count()}-core CPU (shared with other jobs)"},
+                     "a_inprocess": {}, "b_http_batched": {}, "c_http_unbatched": {}, "d_grpc_batched": {}}
+    import torch
+
+    torch.set_num_threads(1)  # like one Serve replica with num_cpus=1
+    for c in args.concurrency:
+        results["a_inprocess"][str(c)] = r = bench_inprocess(ckpt_a, c, args.duration)
+        print(f"{'a_inprocess':18s} c={c:<3d} {r['images_per_s']:8.1f} img/s  p50 {r['p50_ms']:8.1f} ms  "
+              f"p99 {r['p99_ms']:8.1f} ms", flush=True)
+    ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
+    try:
+        asyncio.run(run_serve_modes(args, ckpt_a, ckpt_b, results))
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    top = str(max(args.concurrency))
+
+    def ratio(x: str, y: str) -> float:
+        return round(results[x][top]["images_per_s"] / max(results[y][top]["images_per_s"], 1e-9), 2)
+
+    results["ratios_at_max_concurrency"] = {"b_over_c_batching_gain": ratio("b_http_batched", "c_http_unbatched"),
+                                            "b_over_a_serve_vs_ceiling": ratio("b_http_batched", "a_inprocess"),
+                                            "d_over_b_grpc_vs_http": ratio("d_grpc_batched", "b_http_batched")}
+    print("ratios at c=" + top + ":", json.dumps(results["ratios_at_max_concurrency"]))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=2))
+    print(args.out)
+    return 0 if results["swap_under_load"]["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

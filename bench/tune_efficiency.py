@@ -1,0 +1,113 @@
+"""ASHA vs FIFO on digits: the same search space, search seed and trials, scored by domain FID.
+
+Reports the best FID each reached and the trial-epochs each spent, and their ratios
+(target: ASHA within 10% of FIFO's best FID with <= 40% of its trial-epochs), as JSON in
+bench/results/tune_efficiency.json.
+
+    python bench/tune_efficiency.py --size tiny     # 8 px, a few trials: minutes on a laptop CPU
+    python bench/tune_efficiency.py --size small    # 16 px, 12 trials x 8 epochs
+    python bench/tune_efficiency.py --size full     # 16 px, 27 trials x 27 epochs
+
+"trial_epochs" counts the epochs trained. With asynchronous evaluation a trial keeps
+training while its epoch is scored, so a trial ASHA stops has usually trained a little past
+its rung; "scored_trial_epochs" counts up to the last scored epoch (what synchronous
+evaluation would have spent).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+
+SIZES = {  # image size, width, latent, epochs, trials, grace period, reduction factor, eval samples
+    "tiny": dict(image_size=8, width=8, latent=8, epochs=4, trials=6, grace=1, rf=3, eval_samples=128),
+    "small": dict(image_size=16, width=32, latent=32, epochs=8, trials=12, grace=1, rf=3, eval_samples=500),
+    "full": dict(image_size=16, width=64, latent=64, epochs=27, trials=27, grace=1, rf=3, eval_samples=1000),
+}
+
+
+def build_spec(size: dict, scheduler: str, seed: int, data_root: str | None, concurrency: int):
+    from aigc_ray.tuning.spec import spec_from_dict
+
+    overrides = {"data.image_size": size["image_size"], "model.image_size": size["image_size"],
+                 "model.width": size["width"], "model.latent_dim": size["latent"],
+                 "train.checkpoint_every": 10**6, "train.sample_every": 10**6}
+    if data_root:
+        overrides["data.data_root"] = data_root
+    raw = {"name": f"bench-{scheduler}", "base": "dcgan-digits", "overrides": overrides, "metric": "fid",
+           "epochs": size["epochs"], "num_samples": size["trials"], "seed": seed, "eval_samples": size["eval_samples"],
+           "max_concurrent_trials": concurrency,
+           "space": {"train.lr_g": {"loguniform": [3e-5, 3e-3]}, "train.lr_d": {"loguniform": [3e-5, 3e-3]},
+                     "train.beta1": {"choice": [0.0, 0.5]}, "train.batch_size": {"choice": [32, 64]}},
+           "scheduler": {"type": scheduler, "grace_period": size["grace"], "reduction_factor": size["rf"]}}
+    return spec_from_dict(raw)
+
+
+def run(scheduler: str, args, size: dict, out: str) -> dict:
+    from aigc_ray.tuning.sweep import format_table, run_sweep
+
+    spec = build_spec(size, scheduler, args.seed, args.data_root, args.concurrency)
+    started = time.perf_counter()
+    outcome = run_sweep(spec, out=str(Path(out, scheduler)), export=False)
+    wall = time.perf_counter() - started
+    print(format_table(outcome), file=sys.stderr)
+    return {"best_fid": outcome.best.best if outcome.best else None,
+            "best_trial": dataclasses.asdict(outcome.best) if outcome.best else None,
+            "trial_epochs": outcome.trial_epochs,
+            "scored_trial_epochs": sum(r.scored_epochs for r in outcome.rows),
+            "trials_stopped_early": sum(r.stopped_early for r in outcome.rows),
+            "trials": len(outcome.rows), "wall_s": round(wall, 1),
+            "per_trial": [{"params": r.params, "best_fid": r.best, "epochs": r.epochs, "scored_epochs": r.scored_epochs,
+                           "stopped_early": r.stopped_early} for r in outcome.rows]}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", choices=sorted(SIZES), default="tiny")
+    p.add_argument("--trials", type=int, help="override the size's number of trials")
+    p.add_argument("--epochs", type=int, help="override the size's epoch budget per trial")
+    p.add_argument("--seed", type=int, default=0, help="search seed (the same for both schedulers)")
+    p.add_argument("--concurrency", type=int, default=0, help="trials at once (0 = what the cluster fits)")
+    p.add_argument("--data-root", help="where the digits are prepared (default: the config's)")
+    p.add_argument("--out", default="bench/results/tune_efficiency.json")
+    args = p.parse_args()
+    size = dict(SIZES[args.size])
+    size.update({k: v for k, v in {"trials": args.trials, "epochs": args.epochs}.items() if v})
+
+    import ray
+
+    # logical CPUs: each concurrent trial holds one for its worker and needs one for its data
+    # reads and evaluations (they mostly wait on each other, so this oversubscribes little)
+    ray.init(num_cpus=max(4, 2 * (args.concurrency or 2)), include_dashboard=False)
+    with tempfile.TemporaryDirectory(prefix="tune-bench-") as work:
+        fifo = run("fifo", args, size, work)
+        asha = run("asha", args, size, work)
+    fid_ratio = asha["best_fid"] / fifo["best_fid"] if asha["best_fid"] and fifo["best_fid"] else None
+    epoch_ratio = asha["trial_epochs"] / fifo["trial_epochs"]
+    result = {
+        "size": args.size, "settings": size, "seed": args.seed,
+        "machine": f"{platform.machine()} {os.cpu_count()} CPU(s), {platform.python_version()}",
+        "fifo": fifo, "asha": asha,
+        "asha_over_fifo_best_fid": fid_ratio, "asha_over_fifo_trial_epochs": epoch_ratio,
+        "asha_over_fifo_scored_trial_epochs": asha["scored_trial_epochs"] / fifo["scored_trial_epochs"],
+        "target": "ASHA best FID within 10% of FIFO's (ratio <= 1.10) with <= 40% of its trial-epochs",
+        "target_met": bool(fid_ratio is not None and fid_ratio <= 1.10 and epoch_ratio <= 0.40),
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    print(json.dumps({k: result[k] for k in ("asha_over_fifo_best_fid", "asha_over_fifo_trial_epochs",
+                                             "asha_over_fifo_scored_trial_epochs", "target_met")}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

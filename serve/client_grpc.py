@@ -1,0 +1,47 @@
+"""Minimal gRPC client: health check, then generate images and write them as PNG files.
+
+    python serve/client_grpc.py --target 127.0.0.1:9000 --num-images 4 --seed 42 --out-dir out/
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from aigc_ray.serving.proto import aigc_pb2, aigc_pb2_grpc
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--target", default="127.0.0.1:9000")
+    p.add_argument("--model", default="", help="served model name; default: the first")
+    p.add_argument("--num-images", type=int, default=4)
+    p.add_argument("--seed", type=int, help="image i uses seed + i (default: the server picks one)")
+    p.add_argument("--labels", help="comma-separated labels for a class-conditional model")
+    p.add_argument("--out-dir", default="generated")
+    args = p.parse_args()
+    with grpc.insecure_channel(args.target) as channel:
+        status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10).status
+        print("health:", health_pb2.HealthCheckResponse.ServingStatus.Name(status), file=sys.stderr)
+        request = aigc_pb2.GenerateRequest(model=args.model, num_images=args.num_images,
+                                           labels=[int(v) for v in args.labels.split(",")] if args.labels else [])
+        if args.seed is not None:
+            request.seed = args.seed
+        try:
+            resp = aigc_pb2_grpc.GeneratorStub(channel).Generate(request, timeout=60)
+        except grpc.RpcError as err:
+            print(f"{err.code().name}: {err.details()}", file=sys.stderr)
+            return 1
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for seed, image in zip(resp.seeds, resp.images):
+        path = out / f"{resp.model_version}_seed{seed}.png"
+        path.write_bytes(image)
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,121 @@
+"""Quality evaluation: domain FID/KID with floor and ceiling, the card, the CLI, and training that
+keeps the best checkpoint by FID. Real prepared data, real feature nets, real Ray Train."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from conftest import tiny_config
+
+from aigc_ray.data.pipeline import ensure_prepared, load_split
+from aigc_ray.data.prepare import read_manifest
+from aigc_ray.eval import evaluate_checkpoint
+from aigc_ray.eval.featnet import load_or_train
+from aigc_ray.eval.quality import _pick, domain_metrics
+from aigc_ray.models import build_generator
+from aigc_ray.models.checkpoint import read_card, save_checkpoint
+from aigc_ray.pipeline import png_bytes
+
+
+def _prepared(tmp_path, data_root, dataset="digits"):
+    cfg = tiny_config(tmp_path).with_overrides({"data.data_root": str(data_root), "data.dataset": dataset})
+    return cfg, ensure_prepared(cfg.data, cfg.train.seed)
+
+
+def _untrained_checkpoint(directory, cfg, prepared):
+    manifest = read_manifest(prepared)
+    torch.manual_seed(1)
+    save_checkpoint(directory, experiment=cfg, served_state=build_generator(cfg.model).state_dict(), step=0, epoch=0,
+                    ema=False, dataset={"prepared": prepared, "content_hash": manifest["content_hash"]})
+    return str(directory)
+
+
+def test_floor_is_near_zero_next_to_noise(tmp_path, data_root):
+    _, prepared = _prepared(tmp_path, data_root)
+    net, info = load_or_train(prepared)
+    assert info["kind"] == "classifier" and info["test_accuracy"] > 0.8  # the features mean something
+    train, test = load_split(prepared, "train")[0], load_split(prepared, "test")[0]
+    n = len(test)
+    reference = _pick(train, n, 0)
+    floor = domain_metrics(net, reference, test)
+    noise = domain_metrics(net, reference, torch.randint(0, 256, test.shape, dtype=torch.uint8))
+    assert floor["fid"] * 20 < noise["fid"], (floor, noise)
+    assert floor["kid"] * 20 < noise["kid"] and floor["precision"] > 0.8 > noise["precision"]
+    # real digits cover every class evenly and the classifier is sure of them; noise does not
+    assert floor["class_coverage"] == 1.0 and floor["mode_entropy"] > 0.95 and floor["inception_score"] > 7
+    assert noise["inception_score"] < floor["inception_score"]
+
+
+def test_card_round_trips_and_reads_as_ratios(tmp_path, data_root):
+    cfg, prepared = _prepared(tmp_path, data_root)
+    ckpt = _untrained_checkpoint(tmp_path / "ckpt", cfg, prepared)
+    result = evaluate_checkpoint(ckpt, num_samples=100, seed=3)
+    card = read_card(ckpt)
+    assert card == json.loads(json.dumps(result["card"]))
+    assert result["fid"] == card["metrics"]["fid"] and result["fid_floor"] == card["floor"]["fid"]
+    assert abs(result["fid_ratio"] - result["fid"] / result["fid_floor"]) < 1e-9
+    # an untrained generator sits at the ceiling, far above the floor
+    assert result["fid_ratio"] > 10 and result["fid_ceiling"] > 10 * result["fid_floor"]
+    p = card["protocol"]
+    assert p["content_hash"] == read_manifest(prepared)["content_hash"] and p["num_samples"] == 100
+    assert p["seed"] == 3 and p["weights"] == "raw" and p["feature_net"]["test_accuracy"] > 0.8
+    again = evaluate_checkpoint(ckpt, num_samples=100, seed=3, write_card=False)
+    assert again["fid"] == result["fid"]  # same seed, same numbers
+
+
+def test_unlabelled_dataset_falls_back_to_autoencoder_features(tmp_path, data_root, capsys):
+    prepared = _prepared(tmp_path, data_root)[1]  # (prepare splits by pixel hash: take images of both splits)
+    images = torch.cat([load_split(prepared, "train")[0][:240], load_split(prepared, "test")[0][:60]])
+    folder = tmp_path / "plain"  # images at the top level: no sub-folders, so no labels
+    folder.mkdir()
+    for i, image in enumerate(images):
+        (folder / f"{i:04d}.png").write_bytes(png_bytes(image))
+    cfg = tiny_config(tmp_path).with_overrides({"data.data_root": str(tmp_path / "data"),
+                                                "data.dataset": f"folder:{folder}"})
+    prepared = ensure_prepared(cfg.data, cfg.train.seed)
+    assert read_manifest(prepared)["num_classes"] == 0
+    result = evaluate_checkpoint(_untrained_checkpoint(tmp_path / "ckpt", cfg, prepared), num_samples=50)
+    assert "no class labels" in capsys.readouterr().err
+    card = result["card"]
+    assert card["protocol"]["feature_net"]["kind"] == "autoencoder"
+    assert any("no class labels" in n for n in card["protocol"]["notes"])
+    assert "inception_score" not in card["metrics"] and "class_coverage" not in card["metrics"]
+    assert result["fid_floor"] < result["fid"] and 0 <= result["precision"] <= 1
+
+
+def test_cli_eval_prints_the_table_and_writes_the_card(tmp_path, data_root):
+    cfg, prepared = _prepared(tmp_path, data_root)
+    ckpt = Path(_untrained_checkpoint(tmp_path / "ckpt", cfg, prepared))
+    proc = subprocess.run([sys.executable, "-m", "aigc_ray.cli", "eval", "--checkpoint", str(ckpt),
+                           "--num-samples", "64"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    header, *rows = proc.stdout.splitlines()
+    assert header.split() == ["metric", "value", "floor", "ceiling", "ratio"]
+    assert any(r.startswith("fid") for r in rows) and any(r.startswith("class_coverage") for r in rows)
+    card = read_card(ckpt)
+    assert card["protocol"]["num_samples"] == 64 and card["metrics"]["fid"] > 0
+    proc = subprocess.run([sys.executable, "-m", "aigc_ray.cli", "eval", "--checkpoint", str(tmp_path),
+                           "--no-card"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "not an aigc-ray checkpoint" in proc.stderr
+
+
+def test_training_evaluates_and_names_the_best_checkpoint(ray_session, tmp_path, data_root, capsys):
+    from aigc_ray.train.loop import main_print, run_training
+
+    cfg = tiny_config(tmp_path).with_overrides({
+        "data.data_root": str(data_root), "train.epochs": 2, "eval.every_epochs": 1, "train.keep_checkpoints": 1,
+        "train.name": "evaluated"})
+    outcome = run_training(cfg)
+    history = [json.loads(line) for line in Path(outcome.run_dir, "metrics.jsonl").read_text().splitlines()]
+    assert [h["epoch"] for h in history] == [1, 2]
+    fids = {h["epoch"]: h["fid"] for h in history}  # every evaluated epoch's FID lands in metrics.jsonl
+    assert all(f > 0 and h["fid_floor"] > 0 for f, h in zip(fids.values(), history))
+    best_epoch = min(fids, key=fids.get)
+    card = read_card(outcome.checkpoint)
+    assert card["epoch"] == best_epoch and card["metrics"]["fid"] == fids[best_epoch]
+    assert outcome.best_metrics["fid"] == fids[best_epoch] and Path(outcome.latest).is_dir()
+    assert Path(outcome.run_dir, "metrics.png").read_bytes()[:4] == b"\x89PNG"
+    main_print(outcome)
+    assert capsys.readouterr().out.strip().splitlines()[-1] == outcome.checkpoint

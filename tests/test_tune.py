@@ -1,0 +1,167 @@
+"""Sweeps with Ray Tune on a real local Ray: spec validation, an ASHA sweep that is interrupted
+(Ctrl-C), resumed and exported, and PBT's mutated hyperparameters in force."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from aigc_ray.cli import main
+from aigc_ray.config import ConfigError
+from aigc_ray.tuning.spec import load_spec, spec_from_dict
+
+TINY = {"data.image_size": 8, "model.image_size": 8, "model.width": 8, "model.latent_dim": 8,
+        "train.batch_size": 32, "train.checkpoint_every": 100000, "train.sample_every": 100}
+
+
+def _spec(**changes) -> dict:
+    raw = {"name": "t", "base": "dcgan-digits", "overrides": dict(TINY), "metric": "fid", "epochs": 2,
+           "num_samples": 2, "eval_samples": 64, "space": {"train.lr_g": {"loguniform": [1e-4, 1e-3]}},
+           "scheduler": {"type": "asha", "grace_period": 1, "reduction_factor": 2}}
+    raw.update(changes)
+    return raw
+
+
+# --- bad specs fail before any trial starts, naming the key -------------------------------
+
+@pytest.mark.parametrize("changes, named", [
+    ({"schedular": {"type": "asha"}}, "schedular"),
+    ({"scheduler": {"type": "asha", "grace": 1}}, "scheduler.grace"),
+    ({"epochs": "ten"}, "epochs"),
+    ({"num_samples": 0}, "num_samples"),
+    ({"space": {}}, "space is empty"),
+    ({"space": {"train.lr_g": {"loguniform": [1e-3, 1e-4]}}}, "space.train.lr_g"),
+    ({"space": {"train.lr_g": {"normal": [0, 1]}}}, "space.train.lr_g"),
+    ({"space": {"train.batch_size": {"choice": ["big"]}}}, "space.train.batch_size"),
+    ({"space": {"train.lr": {"choice": [1e-4]}}}, "train.lr"),
+    ({"space": {"train.gp_weight": {"uniform": [1, 10]}}}, "space.train.gp_weight"),  # not a WGAN-GP
+    ({"space": {"train.epochs": {"choice": [1, 2]}}}, "space.train.epochs"),
+    ({"metric": "kl"}, "metric='kl'"),  # a VAE metric for a DCGAN
+    ({"mode": "lowest"}, "mode"),
+    ({"overrides": {"train.lr_gg": 1e-4}}, "train.lr_gg"),
+    ({"search_alg": "grid"}, "search_alg=grid"),  # a loguniform dimension can't be gridded
+    ({"scheduler": {"type": "pbt", "perturbation_interval": 1},
+      "space": {"model.width": {"choice": [8, 16]}}}, "space.model.width"),  # PBT can't clone across widths
+    ({"resources": {"gpus_per_worker": 2}}, "resources.gpus_per_worker"),
+])
+def test_bad_specs_fail_naming_the_key(changes, named):
+    with pytest.raises(ConfigError) as err:
+        spec_from_dict(_spec(**changes))
+    assert named in str(err.value)
+
+
+def test_vae_metric_check_and_cli_rejects_before_starting(tmp_path, capsys):
+    with pytest.raises(ConfigError, match="loss_g.*not reported by model family 'vae'"):
+        spec_from_dict(_spec(base="vae-digits", metric="loss_g"))
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(_spec(space={"model.beta": {"uniform": [0.5, 2.0]}})))
+    assert main(["tune", "--spec", str(path), "--out", str(tmp_path / "out")]) == 2
+    assert "space.model.beta has no effect on model family 'dcgan'" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # nothing started
+
+
+def test_shipped_specs_and_their_smoke_variants_are_valid():
+    for name in ("dcgan_asha", "vae_asha", "dcgan_pbt"):
+        full = load_spec(Path("tune") / f"{name}.yaml")
+        smoke = load_spec(Path("tune") / f"{name}.yaml", smoke=True)
+        assert full.metric == "fid" and smoke.name == f"{full.name}-smoke"
+        assert smoke.num_samples == 4 and smoke.epochs == 2
+        assert smoke.base_config().data.image_size == 8
+    assert load_spec("tune/dcgan_pbt.yaml").scheduler.type == "pbt"
+
+
+# --- ASHA: interrupted with Ctrl-C, resumed, best exported ---------------------------------
+
+def _result_lines(experiment: Path) -> dict[str, int]:
+    return {d.name: len((d / "result.json").read_text().splitlines())
+            for d in experiment.iterdir() if (d / "result.json").is_file()}
+
+
+def test_asha_sweep_interrupted_resumed_and_exported(ray_session, tmp_path, data_root):
+    # lr_g 2e-3 learns in one epoch; 1e-6 barely moves from its initialisation. With two trials
+    # at a time, the 2nd pair reaches the rung after the 1st pair's scores are in: ASHA
+    # (keeping the top quarter) must stop them after 1 of their 2 epochs.
+    raw = _spec(name="asha", num_samples=1, space={"train.lr_g": {"grid": [2e-3, 1e-6, 1e-6, 1e-6]}},
+                scheduler={"type": "asha", "grace_period": 1, "reduction_factor": 4}, max_concurrent_trials=2)
+    raw["overrides"]["data.data_root"] = str(data_root)
+    spec_path, out = tmp_path / "asha.yaml", tmp_path / "out"
+    spec_path.write_text(yaml.safe_dump(raw))
+    experiment = out / "asha"
+
+    # a driver process on the session's cluster, interrupted once a trial has finished
+    env = dict(os.environ, RAY_ADDRESS=ray_session.get_runtime_context().gcs_address, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, "-m", "aigc_ray.cli", "tune", "--spec", str(spec_path), "--out", str(out)],
+                            env=env, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    finished, lines = [], []
+    deadline = time.monotonic() + 400
+    for line in proc.stderr:
+        lines.append(line)
+        if line.startswith("[") and line.rstrip().endswith("] finished"):
+            finished.append(line[1:line.index("]")])
+            break
+        assert time.monotonic() < deadline, "no trial finished:\n" + "".join(lines[-30:])
+    assert finished, "".join(lines[-30:])
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, "".join(lines[-20:]) + stderr[-3000:] + stdout
+    assert "sweep interrupted" in stderr
+    before = _result_lines(experiment)
+    assert set(finished) <= set(before)
+
+    # resume: finished trials are kept as they are, the rest run to the end
+    assert main(["tune", "--spec", str(spec_path), "--out", str(out), "--resume"]) == 0
+    after = _result_lines(experiment)
+    assert len(after) == 4
+    for trial in finished:
+        assert after[trial] == before[trial]
+    summary = json.loads((out / "summary.json").read_text())
+    rows = {r["trial_id"]: r for r in summary["trials"]}
+    assert all(r["status"] == "TERMINATED" and r["best"] is not None for r in rows.values())
+    good = [r for r in rows.values() if r["params"]["train.lr_g"] == 2e-3]
+    assert len(good) == 1 and summary["best"]["trial_id"] == good[0]["trial_id"]
+    stopped = [r for r in rows.values() if r["stopped_early"]]
+    assert len(stopped) >= 2 and all(r["scored_epochs"] == 1 for r in stopped)
+    assert not good[0]["stopped_early"] and good[0]["scored_epochs"] == 2
+    assert summary["trial_epochs"] <= 8
+
+    # the exported best checkpoint: a quality card, and `aigc-ray generate` loads it
+    best = out / "best"
+    card = json.loads((best / "card.json").read_text())
+    assert card["metrics"]["fid"] == pytest.approx(summary["best"]["best"], rel=1e-6)
+    assert main(["generate", "--checkpoint", str(best), "--num-images", "4", "--out", str(tmp_path / "g.png")]) == 0
+    assert (tmp_path / "g.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# --- PBT: the trial's (mutated) hyperparameters are in force from the first start ----------
+
+def test_pbt_applies_mutated_hyperparameters(ray_session, tmp_path, data_root):
+    from aigc_ray.tuning.sweep import run_sweep
+
+    raw = _spec(name="pbt", num_samples=2, space={"train.lr_g": {"loguniform": [1e-4, 3e-3]}},
+                scheduler={"type": "pbt", "perturbation_interval": 1, "quantile_fraction": 0.5,
+                           "resample_probability": 0.0, "synch": True})
+    raw["overrides"]["data.data_root"] = str(data_root)
+    outcome = run_sweep(spec_from_dict(raw), out=str(tmp_path / "out"))
+    assert not outcome.interrupted and len(outcome.rows) == 2
+    experiment = Path(outcome.experiment)
+    changed = 0
+    for trial_dir in sorted(p for p in experiment.iterdir() if (p / "result.json").is_file()):
+        rows = [json.loads(line) for line in (trial_dir / "result.json").read_text().splitlines()]
+        assert [r["epoch"] for r in rows] == [1, 2]
+        for row in rows:
+            # the learning rate the optimizer trained with = the trial's config at that time
+            state = torch.load(trial_dir / row["checkpoint_dir_name"] / "train_state.pt", weights_only=True)
+            assert state["opt_g"]["param_groups"][0]["lr"] == pytest.approx(row["config"]["space"]["train.lr_g"])
+            assert state["epoch"] == row["epoch"]
+        changed += rows[0]["config"]["space"]["train.lr_g"] != rows[1]["config"]["space"]["train.lr_g"]
+    assert changed == 1  # the worse trial exploited the better one and trained on at a perturbed rate
+    assert outcome.exported and (Path(outcome.exported) / "model.safetensors").is_file()
