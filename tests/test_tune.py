@@ -82,8 +82,8 @@ def test_shipped_specs_and_their_smoke_variants_are_valid():
 # --- ASHA: interrupted with Ctrl-C, resumed, best exported ---------------------------------
 
 def _result_lines(experiment: Path) -> dict[str, int]:
-    return {d.name: len((d / "result.json").read_text().splitlines())
-            for d in experiment.iterdir() if (d / "result.json").is_file()}
+    """Reports recorded per trial (the sweep's own record: history/<trial id>.jsonl)."""
+    return {p.stem: len(p.read_text().splitlines()) for p in (experiment / "history").glob("*.jsonl")}
 
 
 def test_asha_sweep_interrupted_resumed_and_exported(ray_session, tmp_path, data_root):
@@ -144,7 +144,7 @@ def test_asha_sweep_interrupted_resumed_and_exported(ray_session, tmp_path, data
 # --- PBT: the trial's (mutated) hyperparameters are in force from the first start ----------
 
 def test_pbt_applies_mutated_hyperparameters(ray_session, tmp_path, data_root):
-    from aigc_ray.tuning.sweep import run_sweep
+    from aigc_ray.tuning.sweep import read_history, run_sweep
 
     raw = _spec(name="pbt", num_samples=2, space={"train.lr_g": {"loguniform": [1e-4, 3e-3]}},
                 scheduler={"type": "pbt", "perturbation_interval": 1, "quantile_fraction": 0.5,
@@ -154,8 +154,8 @@ def test_pbt_applies_mutated_hyperparameters(ray_session, tmp_path, data_root):
     assert not outcome.interrupted and len(outcome.rows) == 2
     experiment = Path(outcome.experiment)
     changed = 0
-    for trial_dir in sorted(p for p in experiment.iterdir() if (p / "result.json").is_file()):
-        rows = [json.loads(line) for line in (trial_dir / "result.json").read_text().splitlines()]
+    for trial_dir in sorted(p for p in experiment.iterdir() if (p / "params.json").is_file()):
+        rows = read_history(str(experiment / "history"), trial_dir.name)
         assert [r["epoch"] for r in rows] == [1, 2]
         for row in rows:
             # the learning rate the optimizer trained with = the trial's config at that time

@@ -23,6 +23,7 @@ from aigc_ray.config import ConfigError
 from aigc_ray.tuning import driver, evaluation
 from aigc_ray.tuning.spec import Dimension, SweepSpec
 
+HISTORY = "history"  # <experiment>/history/<trial id>.jsonl: every report of each trial
 SKIP_IN_LINES = {"epoch", "step", "images_per_s", "epoch_time_s", "checkpoint_path", "fid_floor"}
 
 
@@ -52,12 +53,20 @@ def _fmt(value: Any) -> str:
 
 
 class ProgressLines(ray.tune.Callback):
-    """One line per trial report instead of Tune's table."""
+    """One line per trial report instead of Tune's table, and each report appended to
+    ``<experiment>/history/<trial id>.jsonl``: the sweep's own record of every report. Tune's
+    result.json can't serve: a trial restarted by PBT (or a resume) re-downloads it from the
+    storage copy, which lags the driver's, and loses the reports made since the last sync."""
 
-    def __init__(self, metric: str):
+    def __init__(self, metric: str, history_dir: str):
         self.metric = metric
+        self.history_dir = history_dir
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
+        record = {k: v for k, v in result.items() if k != "config"} | {"config": trial.config}
+        path = history_path(self.history_dir, trial.trial_id)
+        previous = storage.read_bytes(path) if storage.exists(path) else b""  # (no appends on s3)
+        storage.write_bytes(path, previous + json.dumps(record, default=str).encode() + b"\n")
         epoch = result.get("epoch", 0)
         shown = {k: v for k, v in result.items()
                  if isinstance(v, (int, float)) and k in ({self.metric, "kid", "fid_ratio"} | _LOSSES) and k not in SKIP_IN_LINES}
@@ -73,6 +82,18 @@ class ProgressLines(ray.tune.Callback):
 
 
 _LOSSES = {"loss_g", "loss_d", "loss"}
+
+
+def history_path(history_dir: str, trial_id: str) -> str:
+    return storage.join(history_dir, f"{trial_id}.jsonl")
+
+
+def read_history(history_dir: str, trial_id: str) -> list[dict]:
+    """Every report of the trial, in order (see ProgressLines)."""
+    path = history_path(history_dir, trial_id)
+    if not storage.exists(path):
+        return []
+    return [json.loads(line) for line in storage.read_bytes(path).decode().splitlines() if line.strip()]
 
 
 @dataclass
@@ -191,7 +212,12 @@ def run_sweep(spec: SweepSpec, *, out: str = "runs/tune", storage_path: str | No
                 max_concurrent_trials=concurrent if spec.search_alg == "optuna" else None, reuse_actors=False,
                 trial_dirname_creator=lambda trial: trial.trial_id),  # stable: a restore finds them
             run_config=ray.tune.RunConfig(
-                name=spec.name, storage_path=root, callbacks=[ProgressLines(spec.metric)], verbose=0,
+                name=spec.name, storage_path=root, verbose=0,
+                callbacks=[ProgressLines(spec.metric, storage.join(experiment, HISTORY))],
+                # a PBT trial at its budget stops; without this PBT would pause it at its last
+                # perturbation and restart it for nothing. (ASHA/FIFO trials end when their
+                # function returns: their last FID arrives after the last epoch's report.)
+                stop={"epoch": spec.epochs} if spec.scheduler.type == "pbt" else None,
                 checkpoint_config=ray.tune.CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=spec.metric,
                                                             checkpoint_score_order=spec.mode)))
     results = tuner.fit()
@@ -200,7 +226,7 @@ def run_sweep(spec: SweepSpec, *, out: str = "runs/tune", storage_path: str | No
     statuses = {t.trial_id: t.status for t in ray.tune.ExperimentAnalysis(experiment).trials}
     interrupted = (any(status not in ("TERMINATED", "ERROR") for status in statuses.values())
                    or len(statuses) < expected_trials(spec))
-    rows = [_row(spec, r, root) for r in results]
+    rows = [_row(spec, r, root, storage.join(experiment, HISTORY)) for r in results]
     rows.sort(key=lambda r: r.trial_id)
     scored = [r for r in rows if r.best is not None and r.checkpoint]
     best = (min if spec.mode == "min" else max)(scored, key=lambda r: r.best) if scored else None
@@ -226,10 +252,13 @@ def _restorable(experiment: str) -> bool:
     return storage.exists(storage.join(experiment, "tuner.pkl"))
 
 
-def _row(spec: SweepSpec, result, root: str) -> TrialRow:
-    df = result.metrics_dataframe
-    records = df.to_dict("records") if df is not None else []
-    trial_id = (result.metrics or {}).get("trial_id") or Path(result.path).name
+def _row(spec: SweepSpec, result, root: str, history_dir: str) -> TrialRow:
+    # the trial's directory is named after its id (trial_dirname_creator); result.metrics may be
+    # the last result of the trial a PBT exploit cloned, with that trial's id
+    trial_id = Path(result.path).name
+    records = read_history(history_dir, trial_id)
+    if not records and result.metrics_dataframe is not None:  # a sweep from before history/ existed
+        records = result.metrics_dataframe.to_dict("records")
     epochs = max([int(math.floor(r.get("epoch") or 0)) for r in records] or [0])
     better = min if spec.mode == "min" else max
     scored = [r for r in records if _finite(r.get(spec.metric))]
