@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import logging
 import os
 import sys
 import tempfile
@@ -38,6 +39,7 @@ from aigc_ray.train.validation import UNSCORED, best_checkpoint, finish_history,
 from aigc_ray.train.validation import validation_config as default_validation_config
 
 GRID_SIDE = 8  # the fixed-noise sample grid is 8x8
+REPORT_POLL_S = 0.2  # how often Train's controller collects reports (see build_trainer)
 
 
 class ShardBatches:
@@ -82,7 +84,19 @@ def fixed_noise(cfg: ExperimentConfig, device: torch.device) -> tuple[torch.Tens
     return z, labels
 
 
+def _quiet_report_log() -> None:
+    """Ray 2.60's Train V2 logs every report at INFO ("Reporting training result ...") under a
+    logger named by its file's path, out of LoggingConfig's reach; it would double our one
+    line per epoch."""
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # moved in another Ray: nothing to quiet
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
 def train_loop_per_worker(loop_config: dict) -> None:
+    _quiet_report_log()
     cfg = ExperimentConfig.from_dict(loop_config["experiment"])
     dataset_info, run_dir = loop_config["dataset"], loop_config["run_dir"]
     ctx = ray.train.get_context()
@@ -273,6 +287,11 @@ def build_trainer(cfg: ExperimentConfig, *, callbacks=(), validation_config=None
         raise ValueError(f"model.num_classes={cfg.model.num_classes} but {cfg.data.dataset} has "
                          f"{manifest['num_classes']} classes")
     cpus = cpus_per_worker(cfg)
+    # Train V2's controller takes one report per poll of the workers (each worker's report
+    # queue holds one) and polls every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s by default): a
+    # worker whose epochs are shorter than that waits in every report. The driver's value is
+    # propagated to the controller; one set by the user wins.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", str(REPORT_POLL_S))
     own_validation = validation_config is None and cfg.eval.enabled
     if own_validation:  # score checkpoints by domain FID; keep the best ones and the latest
         validation_config, checkpoint_score = default_validation_config(cfg, run_dir), "fid"
