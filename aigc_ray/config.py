@@ -46,11 +46,14 @@ class DataConfig:
     """1 (grey) or 3 (RGB) after preparation."""
     num_shapes: int = 4096
     """How many images the procedural ``shapes`` source draws."""
-    random_crop: bool = True
+    # Augmentation is off by default: applied to the real images only, a GAN's generator learns
+    # it (its digits come out shifted, tilted and zoomed). Measured on dcgan-digits, 60 epochs:
+    # domain FID 8.4 with crop+rotation+zoom on, 2.0 with them off (floor 0.47).
+    random_crop: bool = False
     """Augment with a random translation of up to 1/8 of the side (a pad-and-crop)."""
-    rotation_degrees: float = 10.0
+    rotation_degrees: float = 0.0
     """Augment with a random rotation in [-d, d] degrees; 0 turns it off."""
-    scale_range: float = 0.1
+    scale_range: float = 0.0
     """Augment with a random zoom in [1-s, 1+s]; 0 turns it off."""
     horizontal_flip: bool = False
     """Augment with a random left-right flip (off by default: flipped digits are not digits)."""
