@@ -26,14 +26,15 @@ from pathlib import Path
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 
-def make_checkpoint(path: Path, seed: int) -> str:
+def make_checkpoint(path: Path, seed: int, image_size: int = 16, channels: int = 1) -> str:
     import torch
 
     from aigc_ray.config import load_config
     from aigc_ray.models import build_generator
     from aigc_ray.models.checkpoint import save_checkpoint
 
-    cfg = load_config("dcgan-digits")
+    cfg = load_config("dcgan-digits").with_overrides({"data.image_size": image_size, "model.image_size": image_size,
+                                                      "data.channels": channels, "model.channels": channels})
     torch.manual_seed(seed)
     model = build_generator(cfg.model)
     save_checkpoint(path, experiment=cfg, served_state=model.state_dict(), step=seed, epoch=0, ema=True, dataset={})
@@ -159,6 +160,9 @@ def main() -> int:
     p.add_argument("--checkpoint", help="checkpoint A (default: a fresh dcgan-digits init)")
     p.add_argument("--checkpoint-b", help="checkpoint swapped to under load (default: another fresh init)")
     p.add_argument("--num-cpus", type=int, default=2, help="CPUs for the local Ray")
+    p.add_argument("--image-size", type=int, default=16, help="side of the default fresh checkpoints (16: dcgan-digits; "
+                                                              "64 makes the model's own work count)")
+    p.add_argument("--channels", type=int, default=1, choices=(1, 3), help="channels of the default fresh checkpoints")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "serve_load.json"))
     args = p.parse_args()
 
@@ -166,8 +170,8 @@ def main() -> int:
     from ray import serve
 
     tmp = Path(tempfile.mkdtemp(prefix="serve-bench-"))
-    ckpt_a = args.checkpoint or make_checkpoint(tmp / "a" / "checkpoint_a", 1)
-    ckpt_b = args.checkpoint_b or make_checkpoint(tmp / "b" / "checkpoint_b", 2)
+    ckpt_a = args.checkpoint or make_checkpoint(tmp / "a" / "checkpoint_a", 1, args.image_size, args.channels)
+    ckpt_b = args.checkpoint_b or make_checkpoint(tmp / "b" / "checkpoint_b", 2, args.image_size, args.channels)
     results: dict = {"config": {**vars(args), "machine": f"{os.cpu_count()}-core CPU (shared with other jobs)"},
                      "a_inprocess": {}, "b_http_batched": {}, "c_http_unbatched": {}, "d_grpc_batched": {}}
     import torch

@@ -36,7 +36,9 @@ def ray_session():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=4, include_dashboard=True, log_to_driver=True)
+        # logical CPUs beyond the 2 cores: a Tune trial's Ray Data reads need a CPU outside its
+        # placement groups, and two trials at a time must never be left waiting for one
+        ray.init(num_cpus=5, include_dashboard=True, log_to_driver=True)
     yield ray
     ray.shutdown()
 

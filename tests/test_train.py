@@ -48,10 +48,10 @@ def test_two_workers_train_write_a_checkpoint_and_resume(ray_session, tmp_path, 
 def test_killed_worker_resumes_from_last_checkpoint(ray_session, tmp_path, data_root):
     from ray.util.state import list_actors
 
-    every = 20
+    every, epochs = 20, 40  # ~1,800 tiny steps: enough that the run is still going when the kill lands
     cfg = tiny_config(tmp_path).with_overrides({
-        "data.data_root": str(data_root), "train.epochs": 4, "train.checkpoint_every": every,
-        "train.max_failures": 2, "train.name": "killed", "eval.enabled": False})
+        "data.data_root": str(data_root), "train.epochs": epochs, "train.checkpoint_every": every,
+        "train.sample_every": 10, "train.max_failures": 2, "train.name": "killed", "eval.enabled": False})
     outcome: dict = {}
     thread = threading.Thread(target=lambda: outcome.update(result=_run(cfg)), daemon=True)
     thread.start()
@@ -67,7 +67,7 @@ def test_killed_worker_resumes_from_last_checkpoint(ray_session, tmp_path, data_
     assert not thread.is_alive(), "training did not finish after the worker was killed"
     final = outcome["result"].checkpoint
     state, meta = load_train_state(final), read_meta(final)
-    assert meta["epoch"] == 4
+    assert meta["epoch"] == epochs
     assert len(state["resumes"]) == 1, "the run should have restarted exactly once"
     # it restarted from a checkpoint, not from scratch
     assert state["resumes"][0] >= every
