@@ -143,7 +143,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from aigc_ray.serving.app import run_until_interrupted
 
     options = {"checkpoints": args.checkpoint, "max_num_images": args.max_num_images,
-               "min_replicas": args.min_replicas, "max_replicas": args.max_replicas}
+               "min_replicas": args.min_replicas, "max_replicas": args.max_replicas,
+               "replica_gpus": args.replica_gpus}
     return run_until_interrupted(options, host=args.host, http_port=args.http_port, grpc_port=args.grpc_port,
                                  address=args.address)
 
@@ -235,6 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-replicas", type=int, default=1, help="autoscaling floor per model")
     p.add_argument("--max-replicas", type=int, default=2, help="autoscaling ceiling per model")
     p.add_argument("--max-num-images", type=int, default=64, help="most images per request")
+    p.add_argument("--replica-gpus", type=float, default=0.0, help="GPUs per model replica (default 0: CPU)")
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     p.set_defaults(func=cmd_serve)
     return parser

@@ -6,6 +6,7 @@ is read by another; a plain local path works on one machine or a shared mount.
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -43,6 +44,13 @@ def read_bytes(path: str) -> bytes:
     fs, p = _fs(path)
     with fs.open_input_stream(p) as f:
         return f.read()
+
+
+def read_jsonl(path: str) -> list[dict]:
+    """The records of a JSON-lines file (metrics.jsonl, a sweep's history); [] if it isn't there."""
+    if not exists(path):
+        return []
+    return [json.loads(line) for line in read_bytes(path).decode().splitlines() if line.strip()]
 
 
 def exists(path: str) -> bool:

@@ -58,6 +58,9 @@ class ServeOptions:
     """Autoscaling target of in-flight requests per model replica."""
     replica_cpus: float = 1.0
     """CPUs reserved per model replica (its torch thread budget)."""
+    replica_gpus: float = 0.0
+    """GPUs per model replica; > 0 runs the model on the replica's GPU (on a cluster, the autoscaler
+    adds a GPU node for it). The same seed gives the same bytes on the same kind of device."""
 
     def __post_init__(self) -> None:
         if not self.checkpoints:
@@ -69,6 +72,8 @@ class ServeOptions:
             raise ValueError(f"max_num_images: at most {HARD_MAX_IMAGES}")
         if self.min_replicas > self.max_replicas:
             raise ValueError(f"min_replicas ({self.min_replicas}) > max_replicas ({self.max_replicas})")
+        if self.replica_gpus < 0:
+            raise ValueError(f"replica_gpus: must be >= 0, got {self.replica_gpus!r}")
         for key in ("batch_wait_timeout_s", "request_timeout_s", "target_ongoing_requests", "replica_cpus"):
             if getattr(self, key) < 0 or (key != "batch_wait_timeout_s" and getattr(self, key) == 0):
                 raise ValueError(f"{key}: must be > 0")
@@ -370,13 +375,13 @@ def build_app(args: dict) -> serve.Application:
                 "batch_wait_timeout_s": options.batch_wait_timeout_s}
         models[name] = GeneratorModel.options(
             name=f"model-{name}", user_config={"checkpoint": uri},
-            ray_actor_options={"num_cpus": options.replica_cpus},
+            ray_actor_options={"num_cpus": options.replica_cpus, "num_gpus": options.replica_gpus},
             max_ongoing_requests=max(256, 2 * options.max_batch_images),
             autoscaling_config={"min_replicas": options.min_replicas, "max_replicas": options.max_replicas,
                                 "initial_replicas": max(1, options.min_replicas),
                                 "target_ongoing_requests": options.target_ongoing_requests,
                                 "upscale_delay_s": 5, "downscale_delay_s": 60},
-            version=_version("model", init, options.replica_cpus), _internal=True,
+            version=_version("model", init, options.replica_cpus, options.replica_gpus), _internal=True,
         ).bind(**init)
     # The ingress needs no checkpoint URIs: keeping them out of its args and version means a checkpoint change
     # only reconfigures the model deployments; the ingress replica keeps running (no dropped requests).

@@ -93,9 +93,11 @@ class GeneratorModel:
     def _load(uri: str) -> tuple[GeneratorPipeline, dict | None]:
         if not uri:
             raise ValueError("user_config.checkpoint is empty")
+        import torch
+
         local = storage.localize(uri)
-        try:
-            pipe = GeneratorPipeline.from_checkpoint(local)
+        try:  # a replica given a GPU (replica_gpus) sees it; any other sees none
+            pipe = GeneratorPipeline.from_checkpoint(local, "cuda" if torch.cuda.is_available() else "cpu")
             card = read_card(local)
         finally:
             if local != uri and storage.is_uri(uri):
@@ -104,8 +106,6 @@ class GeneratorModel:
         if pipe.can_generate:
             pipe.generate([0], [0] if pipe.num_classes else None)
         else:
-            import torch
-
             pipe.reconstruct(torch.zeros(1, pipe.channels, pipe.image_size, pipe.image_size, dtype=torch.uint8))
         return pipe, card
 

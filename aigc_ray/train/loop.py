@@ -35,7 +35,7 @@ from aigc_ray.data.prepare import read_manifest
 from aigc_ray.models.checkpoint import load_train_state, save_checkpoint
 from aigc_ray.pipeline import grid_png, to_uint8
 from aigc_ray.train.engine import Engine
-from aigc_ray.train.validation import UNSCORED, best_checkpoint, finish_history, merge_evals
+from aigc_ray.train.validation import UNSCORED, best_checkpoint, finish_history, merge_evals, read_history
 from aigc_ray.train.validation import validation_config as default_validation_config
 
 GRID_SIDE = 8  # the fixed-noise sample grid is 8x8
@@ -129,7 +129,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     batches = ShardBatches(ray.train.get_dataset_shard("train"), local_batch, device,
                            cfg.data.cache_in_memory_mb, cfg.train.seed * 1000 + rank)
     z_fixed, labels_fixed = fixed_noise(cfg, device)
-    history = _read_history(run_dir) if rank == 0 else []
+    history = read_history(run_dir) if rank == 0 else []
     t = cfg.train
 
     def report(metrics: dict, epoch: int, batch_in_epoch: int, with_checkpoint: bool, validate: bool = False) -> None:
@@ -216,13 +216,6 @@ def _grid_images(engine: Engine, cfg: ExperimentConfig, z, labels, batches: Shar
         engine.served_module().train()
         return out
     return engine.sample(z, labels)
-
-
-def _read_history(run_dir: str) -> list[dict]:
-    path = storage.join(run_dir, "metrics.jsonl")
-    if not storage.exists(path):
-        return []
-    return [json.loads(line) for line in storage.read_bytes(path).decode().splitlines() if line.strip()]
 
 
 def _write_epoch_artifacts(run_dir, history, engine, cfg, z, labels, batches, epoch: int, last: bool) -> None:

@@ -59,10 +59,8 @@ def _list(directory: str) -> list[str]:
 
 
 def read_history(run_dir: str) -> list[dict]:
-    path = storage.join(run_dir, "metrics.jsonl")
-    if not storage.exists(path):
-        return []
-    return [json.loads(line) for line in storage.read_bytes(path).decode().splitlines() if line.strip()]
+    """The run's per-epoch metrics (metrics.jsonl)."""
+    return storage.read_jsonl(storage.join(run_dir, "metrics.jsonl"))
 
 
 def merge_evals(run_dir: str, history: list[dict]) -> list[dict]:

@@ -90,10 +90,7 @@ def history_path(history_dir: str, trial_id: str) -> str:
 
 def read_history(history_dir: str, trial_id: str) -> list[dict]:
     """Every report of the trial, in order (see ProgressLines)."""
-    path = history_path(history_dir, trial_id)
-    if not storage.exists(path):
-        return []
-    return [json.loads(line) for line in storage.read_bytes(path).decode().splitlines() if line.strip()]
+    return storage.read_jsonl(history_path(history_dir, trial_id))
 
 
 @dataclass
