@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
 from aigc_ray.cli import main
@@ -158,10 +157,10 @@ def test_pbt_applies_mutated_hyperparameters(ray_session, tmp_path, data_root):
         rows = read_history(str(experiment / "history"), trial_dir.name)
         assert [r["epoch"] for r in rows] == [1, 2]
         for row in rows:
-            # the learning rate the optimizer trained with = the trial's config at that time
-            state = torch.load(trial_dir / row["checkpoint_dir_name"] / "train_state.pt", weights_only=True)
-            assert state["opt_g"]["param_groups"][0]["lr"] == pytest.approx(row["config"]["space"]["train.lr_g"])
-            assert state["epoch"] == row["epoch"]
+            # the learning rate the optimizer trained with (read from the segment's checkpoint) =
+            # the trial's config at that time. (Not from the trial's checkpoint_* dirs: Tune may
+            # reuse a name after a PBT restore, overwriting an earlier report's checkpoint.)
+            assert row["trained_lr_g"] == pytest.approx(row["config"]["space"]["train.lr_g"])
         changed += rows[0]["config"]["space"]["train.lr_g"] != rows[1]["config"]["space"]["train.lr_g"]
     assert changed == 1  # the worse trial exploited the better one and trained on at a perturbed rate
     assert outcome.exported and (Path(outcome.exported) / "model.safetensors").is_file()

@@ -70,11 +70,15 @@ def run_trial(config: dict[str, Any], sweep: dict[str, Any]) -> None:
     cfg = trial_config(sweep, config, name=trial_id)
     trainer, _ = _build(cfg, forward=True, callbacks=[ForwardToTune()])
     trainer.fit()
+    # fit() returns once the last evaluation has put its FID on the queue to Tune; the trial's
+    # session forwards queued items only while this function runs, so wait until it has
+    # taken it, or the last epoch's FID is lost (and the trial reads as stopped early)
+    evaluation.wait_until_forwarded()
 
 
 def run_pbt_trial(config: dict[str, Any], sweep: dict[str, Any]) -> None:
     """PBT trial: segments of perturbation_interval epochs from the current Tune checkpoint."""
-    from aigc_ray.models.checkpoint import read_meta
+    from aigc_ray.models.checkpoint import load_train_state, read_meta
 
     trial_id = ray.tune.get_context().get_trial_id()
     interval, budget, metric = sweep["perturbation_interval"], sweep["epochs"], sweep["metric"]
@@ -100,6 +104,12 @@ def run_pbt_trial(config: dict[str, Any], sweep: dict[str, Any]) -> None:
             raise RuntimeError(f"PBT segment {epoch}->{stop} of trial {trial_id} has no {metric!r} (got {value!r})")
         with last.as_directory() as directory:
             report = {k: v for k, v in scored.items() if isinstance(v, (int, float))} | {"epoch": stop}
+            # the learning rates the optimizers were at, from the checkpoint's own state: what
+            # the segment really trained with (mutations included), shown beside the config
+            state = load_train_state(directory)
+            report["trained_lr_g"] = state["opt_g"]["param_groups"][0]["lr"]
+            if state.get("opt_d"):
+                report["trained_lr_d"] = state["opt_d"]["param_groups"][0]["lr"]
             ray.tune.report(report, checkpoint=ray.tune.Checkpoint.from_directory(directory))
         start = ray.tune.get_checkpoint()  # Tune's copy: the segment's own run can go
         if not storage.is_uri(run_dir):

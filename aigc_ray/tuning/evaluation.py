@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import time
 from typing import Any
 
 
@@ -59,15 +60,31 @@ class ForwardingValidator:
         return metrics
 
 
+def _queue():
+    """The queue Train's TuneReportCallback also uses: what is put on it becomes a Tune result
+    (read by the trial's session while the trial function runs)."""
+    from ray.train._internal.session import get_session
+
+    return get_session()._get_or_create_inter_actor_queue()
+
+
+def wait_until_forwarded(timeout_s: float = 120.0) -> None:
+    """Block until the trial's session has taken every queued score (see driver.run_trial)."""
+    queue, deadline = _queue(), time.monotonic() + timeout_s
+    while not queue.empty():
+        if time.monotonic() > deadline:
+            print(f"warning: a score was not forwarded to Tune within {timeout_s:.0f}s", flush=True)
+            return
+        time.sleep(0.05)
+
+
 def for_tune(config, forward: bool):
     """The trainer's ValidationConfig, adapted to run inside a Tune trial (call it there).
     ``forward=False``: scores only land in the run's checkpoint metrics (PBT reports them
     itself, with its Tune checkpoint)."""
     import ray.train
-    from ray.train._internal.session import get_session
 
-    # the queue Train's TuneReportCallback also uses: what is put on it becomes a Tune result
-    queue = get_session()._get_or_create_inter_actor_queue() if forward else None
+    queue = _queue() if forward else None
     # the trial's placement group holds only the driver's token CPU: schedule the scoring
     # task on the cluster at large, or it can never start
     remote = dict(config.ray_remote_kwargs) | {"scheduling_strategy": "DEFAULT"}
