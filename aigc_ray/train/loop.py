@@ -35,7 +35,14 @@ from aigc_ray.data.prepare import read_manifest
 from aigc_ray.models.checkpoint import load_train_state, save_checkpoint
 from aigc_ray.pipeline import grid_png, to_uint8
 from aigc_ray.train.engine import Engine
-from aigc_ray.train.validation import UNSCORED, best_checkpoint, finish_history, merge_evals, read_history
+from aigc_ray.train.validation import (
+    UNSCORED,
+    best_checkpoint,
+    finish_history,
+    merge_evals,
+    read_history,
+    record_eval,
+)
 from aigc_ray.train.validation import validation_config as default_validation_config
 
 GRID_SIDE = 8  # the fixed-noise sample grid is 8x8
@@ -147,9 +154,22 @@ def train_loop_per_worker(loop_config: dict) -> None:
                             train_state=state)
             samples = to_uint8(_grid_images(engine, cfg, z_fixed, labels_fixed, batches))
             Path(tmp, "samples.png").write_bytes(grid_png(samples, nrow=GRID_SIDE))
+            if validate and loop_config.get("inline_eval"):
+                # scored here, before the report (the other workers wait at its barrier): a Tune
+                # scheduler then decides on this epoch's FID before the next epoch trains
+                from aigc_ray.eval.quality import flat_metrics, score_checkpoint
+
+                card = score_checkpoint(tmp, cfg.eval.num_samples, cfg.eval.seed)
+                Path(tmp, "card.json").write_text(json.dumps(card, indent=2))
+                metrics = metrics | flat_metrics(card)
+                record_eval(run_dir, card, flat_metrics(card), f"epoch {epoch}")
+                validate = False
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp),
                              validation=validate and bool(loop_config.get("validate")))
 
+    if start_epoch >= t.epochs:  # resumed a finished run: repeat its last report, which a Tune
+        # trial interrupted after Train had registered it may never have received
+        ray.train.report(merge_evals(run_dir, history)[-1] if rank == 0 and history else {})
     started = time.perf_counter()
     for epoch in range(start_epoch, t.epochs):
         sums: dict[str, torch.Tensor | float] = {}
@@ -268,7 +288,10 @@ def cpus_per_worker(cfg: ExperimentConfig) -> int:
 
 
 def build_trainer(cfg: ExperimentConfig, *, callbacks=(), validation_config=None,
-                  checkpoint_score: str | None = None, init_checkpoint: Checkpoint | None = None) -> tuple[TorchTrainer, str]:
+                  checkpoint_score: str | None = None, init_checkpoint: Checkpoint | None = None,
+                  inline_eval: bool = False) -> tuple[TorchTrainer, str]:
+    """The run's TorchTrainer and run directory. ``inline_eval``: evaluated epochs are scored on
+    rank 0 before their report (Tune ASHA/FIFO trials) instead of by a separate validation task."""
     prepared = ensure_prepared(cfg.data, cfg.train.seed)
     manifest = read_manifest(prepared)
     storage_path = storage.resolve(cfg.train.storage_path or cfg.train.out)
@@ -285,14 +308,15 @@ def build_trainer(cfg: ExperimentConfig, *, callbacks=(), validation_config=None
     # worker whose epochs are shorter than that waits in every report. The driver's value is
     # propagated to the controller; one set by the user wins.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", str(REPORT_POLL_S))
-    own_validation = validation_config is None and cfg.eval.enabled
+    own_validation = validation_config is None and cfg.eval.enabled and not inline_eval
     if own_validation:  # score checkpoints by domain FID; keep the best ones and the latest
         validation_config, checkpoint_score = default_validation_config(cfg, run_dir), "fid"
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"experiment": cfg.to_dict(), "dataset": dataset_info, "run_dir": run_dir,
                            "cpus_per_worker": cpus, "init_checkpoint": init_checkpoint,
-                           "validate": validation_config is not None, "unscored_fid": own_validation},
+                           "validate": validation_config is not None or inline_eval,
+                           "inline_eval": inline_eval, "unscored_fid": own_validation},
         scaling_config=ScalingConfig(num_workers=cfg.train.workers, use_gpu=cfg.train.use_gpu,
                                      resources_per_worker={"CPU": cpus}),
         run_config=RunConfig(

@@ -34,13 +34,18 @@ def validate(checkpoint: ray.train.Checkpoint, run_dir: str, num_samples: int, s
     with checkpoint.filesystem.open_output_stream(f"{checkpoint.path}/card.json") as f:
         f.write(json.dumps(card, indent=2).encode())
     metrics = flat_metrics(card)
-    record = {"epoch": card["epoch"], "step": card["step"], **metrics, "checkpoint": checkpoint.path}
-    storage.write_bytes(storage.join(run_dir, EVALS, f"epoch_{card['epoch']:05d}.json"), json.dumps(record).encode())
+    record_eval(run_dir, card, metrics, checkpoint.path)
     try:
         write_plot(run_dir, merge_evals(run_dir, read_history(run_dir)))
     except Exception as err:  # a plot must never fail an evaluation
         print(f"eval: could not draw metrics.png: {err}")
     return metrics
+
+
+def record_eval(run_dir: str, card: dict, metrics: dict, checkpoint_path: str) -> None:
+    """<run>/evals/epoch_N.json: what an evaluation measured (merged into metrics.jsonl)."""
+    record = {"epoch": card["epoch"], "step": card["step"], **metrics, "checkpoint": checkpoint_path}
+    storage.write_bytes(storage.join(run_dir, EVALS, f"epoch_{card['epoch']:05d}.json"), json.dumps(record).encode())
 
 
 def validation_config(cfg: ExperimentConfig, run_dir: str) -> ray.train.ValidationConfig:

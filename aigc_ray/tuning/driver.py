@@ -57,6 +57,11 @@ def _build(cfg: ExperimentConfig, forward: bool, **kwargs):
     from aigc_ray.train.loop import build_trainer
     from aigc_ray.train.validation import validation_config
 
+    if forward and cfg.eval.enabled:
+        # ASHA/FIFO: score evaluated epochs inline, so each FID reaches Tune with its epoch's
+        # report and ASHA stops a trial at its rung (an asynchronous score arrived epochs late,
+        # after the trial had trained past the rung, or to its end)
+        return build_trainer(cfg, inline_eval=True, **kwargs)
     validation = None
     if cfg.eval.enabled:
         run_dir = storage.join(storage.resolve(cfg.train.storage_path or cfg.train.out), cfg.run_name)
