@@ -75,9 +75,9 @@ def run_trial(config: dict[str, Any], sweep: dict[str, Any]) -> None:
     cfg = trial_config(sweep, config, name=trial_id)
     trainer, _ = _build(cfg, forward=True, callbacks=[ForwardToTune()])
     trainer.fit()
-    # fit() returns once the last evaluation has put its FID on the queue to Tune; the trial's
-    # session forwards queued items only while this function runs, so wait until it has
-    # taken it, or the last epoch's FID is lost (and the trial reads as stopped early)
+    # fit() can return while the last report (with its FID) still waits on the queue to Tune
+    # (ForwardToTune puts it there); the trial's session forwards queued items only while this
+    # function runs, so wait until it has taken it, or the last epoch reads as unscored
     evaluation.wait_until_forwarded()
 
 
