@@ -63,7 +63,9 @@ class ProgressLines(ray.tune.Callback):
         self.history_dir = history_dir
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        record = {k: v for k, v in result.items() if k != "config"} | {"config": trial.config}
+        # result["config"] is what the trial ran with; trial.config may already hold what a PBT
+        # exploit decided on this very result
+        record = {k: v for k, v in result.items() if k != "config"} | {"config": result.get("config", trial.config)}
         path = history_path(self.history_dir, trial.trial_id)
         previous = storage.read_bytes(path) if storage.exists(path) else b""  # (no appends on s3)
         storage.write_bytes(path, previous + json.dumps(record, default=str).encode() + b"\n")
