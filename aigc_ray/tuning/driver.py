@@ -65,7 +65,7 @@ def _build(cfg: ExperimentConfig, forward: bool, **kwargs):
     validation = None
     if cfg.eval.enabled:
         run_dir = storage.join(storage.resolve(cfg.train.storage_path or cfg.train.out), cfg.run_name)
-        validation = evaluation.for_tune(validation_config(cfg, run_dir), forward)
+        validation = evaluation.for_tune(validation_config(cfg, run_dir))
     return build_trainer(cfg, validation_config=validation, **kwargs)
 
 

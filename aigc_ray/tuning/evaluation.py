@@ -1,18 +1,15 @@
 """The sweep's view of the domain-FID evaluation (aigc_ray.eval, issue 3).
 
-Trials are scored by Ray Train V2's asynchronous validation, as plain training runs are: the
-loop reports a checkpoint with ``validation=True`` on evaluated epochs and a Ray task scores
-it (train/validation.py). ``for_tune`` wraps that validation so the scores also reach the
-trial's Tune session (Train's ``TuneReportCallback`` forwards only the training report,
-which has no FID yet).
+ASHA/FIFO trials score evaluated epochs inline in the training loop, so the FID reaches Tune
+with its epoch's report (``build_trainer(inline_eval=True)``). PBT segments keep Train V2's
+asynchronous validation task (``for_tune``); the segment's scores are reported with its Tune
+checkpoint.
 """
 
 from __future__ import annotations
 
 import importlib
-import json
 import time
-from typing import Any
 
 
 def _evaluate_fn():
@@ -42,24 +39,6 @@ def score_checkpoint(directory: str, num_samples: int | None = None, seed: int =
     return dict(fn(directory, num_samples=num_samples, seed=seed, write_card=write_card))
 
 
-class ForwardingValidator:
-    """Wraps the training loop's validation function (train/validation.py): the same scores
-    and quality card, also reported to the Tune trial that started the run, with the
-    checkpoint's epoch so schedulers line them up with the training reports."""
-
-    def __init__(self, inner: Any, queue: Any):
-        self.inner, self.queue = inner, queue
-
-    def __call__(self, checkpoint, **kwargs: Any) -> dict:
-        metrics = self.inner(checkpoint, **kwargs)
-        if self.queue is not None:
-            with checkpoint.filesystem.open_input_stream(f"{checkpoint.path}/config.json") as f:
-                meta = json.loads(f.read())
-            numeric = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-            self.queue.put(numeric | {"epoch": meta["epoch"], "step": meta["step"], "checkpoint_path": checkpoint.path})
-        return metrics
-
-
 def _queue():
     """The queue Train's TuneReportCallback also uses: what is put on it becomes a Tune result
     (read by the trial's session while the trial function runs)."""
@@ -78,15 +57,12 @@ def wait_until_forwarded(timeout_s: float = 120.0) -> None:
         time.sleep(0.05)
 
 
-def for_tune(config, forward: bool):
-    """The trainer's ValidationConfig, adapted to run inside a Tune trial (call it there).
-    ``forward=False``: scores only land in the run's checkpoint metrics (PBT reports them
-    itself, with its Tune checkpoint)."""
+def for_tune(config):
+    """The trainer's ValidationConfig, adapted to run inside a Tune trial (a PBT segment, whose
+    scores land in the run's checkpoint metrics and are reported with its Tune checkpoint)."""
     import ray.train
 
-    queue = _queue() if forward else None
     # the trial's placement group holds only the driver's token CPU: schedule the scoring
     # task on the cluster at large, or it can never start
     remote = dict(config.ray_remote_kwargs) | {"scheduling_strategy": "DEFAULT"}
-    return ray.train.ValidationConfig(ForwardingValidator(config.fn, queue), task_config=config.task_config,
-                                      ray_remote_kwargs=remote)
+    return ray.train.ValidationConfig(config.fn, task_config=config.task_config, ray_remote_kwargs=remote)
