@@ -78,6 +78,35 @@ def test_shipped_specs_and_their_smoke_variants_are_valid():
     assert load_spec("tune/dcgan_pbt.yaml").scheduler.type == "pbt"
 
 
+# --- ASHA's rungs survive a restore (Tune restores trials, not the scheduler) ------------------
+
+def test_asha_rungs_survive_a_restore(tmp_path):
+    from types import SimpleNamespace
+
+    from ray.tune.schedulers import TrialScheduler
+
+    from aigc_ray.tuning.asha import ResumableASHA
+
+    def scheduler():
+        s = ResumableASHA(str(tmp_path / "asha_rungs.json"), time_attr="epoch", max_t=4, grace_period=1,
+                          reduction_factor=2)
+        s.set_search_properties("fid", "min")
+        return s
+
+    trials = [SimpleNamespace(trial_id=f"t{i}") for i in range(3)]
+    before = scheduler()
+    for trial, fid in zip(trials[:2], (10.0, 50.0)):
+        before.on_trial_add(None, trial)
+        before.on_trial_result(None, trial, {"epoch": 1, "fid": fid})
+    # a fresh scheduler, as Tuner.restore unpickles it, decides on the rung it had recorded:
+    # a trial far worse than both is stopped (an empty rung would have let it through)
+    after = scheduler()
+    after.on_trial_add(None, trials[2])
+    assert after.on_trial_result(None, trials[2], {"epoch": 1, "fid": 90.0}) == TrialScheduler.STOP
+    # and a trial that was running before the restore keeps its place at the rung
+    assert after.on_trial_result(None, trials[0], {"epoch": 2, "fid": 9.0}) == TrialScheduler.CONTINUE
+
+
 # --- ASHA: interrupted with Ctrl-C, resumed, best exported ---------------------------------
 
 def _result_lines(experiment: Path) -> dict[str, int]:

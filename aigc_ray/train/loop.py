@@ -168,8 +168,14 @@ def train_loop_per_worker(loop_config: dict) -> None:
                              validation=validate and bool(loop_config.get("validate")))
 
     if start_epoch >= t.epochs:  # resumed a finished run: repeat its last report, which a Tune
-        # trial interrupted after Train had registered it may never have received
-        ray.train.report(merge_evals(run_dir, history)[-1] if rank == 0 and history else {})
+        # trial interrupted after Train had registered it may never have received, with the
+        # checkpoint it came with (the one we resumed from), or Tune has a best FID but no
+        # checkpoint to export for it
+        if rank == 0 and history:
+            with checkpoint.as_directory() as ckpt_dir:
+                ray.train.report(merge_evals(run_dir, history)[-1], checkpoint=Checkpoint.from_directory(ckpt_dir))
+        else:
+            ray.train.report({})
     started = time.perf_counter()
     for epoch in range(start_epoch, t.epochs):
         sums: dict[str, torch.Tensor | float] = {}

@@ -15,12 +15,13 @@ from typing import Any
 
 import ray
 import ray.tune
-from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
+from ray.tune.schedulers import FIFOScheduler, PopulationBasedTraining
 from ray.tune.search import BasicVariantGenerator
 
 from aigc_ray import storage
 from aigc_ray.config import ConfigError
 from aigc_ray.tuning import driver, evaluation
+from aigc_ray.tuning.asha import ResumableASHA
 from aigc_ray.tuning.spec import Dimension, SweepSpec
 
 HISTORY = "history"  # <experiment>/history/<trial id>.jsonl: every report of each trial
@@ -152,11 +153,11 @@ def _trainable(spec: SweepSpec, info: dict[str, Any]):
     return ray.tune.with_resources(ray.tune.with_parameters(fn, sweep=info), {"CPU": 0.01})
 
 
-def _scheduler(spec: SweepSpec):
+def _scheduler(spec: SweepSpec, experiment: str):
     s = spec.scheduler
     if s.type == "asha":
-        return ASHAScheduler(time_attr="epoch", max_t=spec.epochs, grace_period=s.grace_period,
-                             reduction_factor=s.reduction_factor, brackets=s.brackets)
+        return ResumableASHA(storage.join(experiment, "asha_rungs.json"), time_attr="epoch", max_t=spec.epochs,
+                             grace_period=s.grace_period, reduction_factor=s.reduction_factor, brackets=s.brackets)
     if s.type == "pbt":
         dims = {d.key: d for d in spec.space}
         mutations = {k: (dims[k].values if dims[k].kind in ("choice", "grid") else _domain(dims[k]))
@@ -206,7 +207,7 @@ def run_sweep(spec: SweepSpec, *, out: str = "runs/tune", storage_path: str | No
         tuner = ray.tune.Tuner(
             trainable, param_space=param_space(spec),
             tune_config=ray.tune.TuneConfig(
-                metric=spec.metric, mode=spec.mode, num_samples=spec.num_samples, scheduler=_scheduler(spec),
+                metric=spec.metric, mode=spec.mode, num_samples=spec.num_samples, scheduler=_scheduler(spec, experiment),
                 search_alg=_search_alg(spec, concurrent),
                 max_concurrent_trials=concurrent if spec.search_alg == "optuna" else None, reuse_actors=False,
                 trial_dirname_creator=lambda trial: trial.trial_id),  # stable: a restore finds them
