@@ -119,3 +119,18 @@ def test_training_evaluates_and_names_the_best_checkpoint(ray_session, tmp_path,
     assert Path(outcome.run_dir, "metrics.png").read_bytes()[:4] == b"\x89PNG"
     main_print(outcome)
     assert capsys.readouterr().out.strip().splitlines()[-1] == outcome.checkpoint
+
+
+def test_evaluation_task_lowers_the_priority_of_every_thread():
+    # run in a child: a lowered priority can't be raised back, and would slow the other tests
+    code = """
+import os, threading
+from aigc_ray.train.validation import lower_priority
+started = threading.Event(); stop = threading.Event()
+t = threading.Thread(target=lambda: (started.set(), stop.wait())); t.start(); started.wait()
+lower_priority(7)
+print(sorted({os.getpriority(os.PRIO_PROCESS, int(tid)) for tid in os.listdir('/proc/self/task')}))
+stop.set()
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[7]"

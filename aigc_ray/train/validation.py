@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import pyarrow.fs as pafs
 import ray.train
@@ -25,9 +26,12 @@ EVALS = "evals"
 UNSCORED = math.inf  # the "fid" a checkpoint carries until evaluated: ranks it last, never best
 
 
-def validate(checkpoint: ray.train.Checkpoint, run_dir: str, num_samples: int, seed: int) -> dict:
+def validate(checkpoint: ray.train.Checkpoint, run_dir: str, num_samples: int, seed: int, nice: int = 0) -> dict:
     """The validation fn (a Ray task): score the checkpoint, write its card, return flat metrics."""
     from aigc_ray.eval.quality import flat_metrics, score_checkpoint
+
+    if nice:
+        lower_priority(nice)
 
     with checkpoint.as_directory() as local:
         card = score_checkpoint(local, num_samples, seed)
@@ -42,6 +46,18 @@ def validate(checkpoint: ray.train.Checkpoint, run_dir: str, num_samples: int, s
     return metrics
 
 
+def lower_priority(nice: int) -> None:
+    """Raise this process's nice value to ``nice``, on every thread (Linux keeps one per thread;
+    threads started later, such as torch's pool, inherit it). The task runs in a worker process
+    of its own (max_calls=1, validation_config): no later task inherits the low priority."""
+    tasks = "/proc/self/task"
+    for tid in [int(t) for t in os.listdir(tasks)] if os.path.isdir(tasks) else [0]:
+        try:
+            os.setpriority(os.PRIO_PROCESS, tid, max(nice, os.getpriority(os.PRIO_PROCESS, tid)))
+        except OSError:  # a thread that has just exited
+            pass
+
+
 def record_eval(run_dir: str, card: dict, metrics: dict, checkpoint_path: str) -> None:
     """<run>/evals/epoch_N.json: what an evaluation measured (merged into metrics.jsonl)."""
     record = {"epoch": card["epoch"], "step": card["step"], **metrics, "checkpoint": checkpoint_path}
@@ -52,9 +68,12 @@ def validation_config(cfg: ExperimentConfig, run_dir: str) -> ray.train.Validati
     return ray.train.ValidationConfig(
         fn=validate,
         task_config=ray.train.ValidationTaskConfig(
-            fn_kwargs={"run_dir": run_dir, "num_samples": cfg.eval.num_samples, "seed": cfg.eval.seed},
+            fn_kwargs={"run_dir": run_dir, "num_samples": cfg.eval.num_samples, "seed": cfg.eval.seed,
+                       "nice": cfg.eval.nice},
             timeout_s=cfg.eval.timeout_s or None),
-        ray_remote_kwargs={"num_cpus": cfg.eval.cpus, "num_gpus": 0})
+        # a lowered priority can't be raised back without privileges: the worker process
+        # that ran a niced evaluation exits after it
+        ray_remote_kwargs={"num_cpus": cfg.eval.cpus, "num_gpus": 0} | ({"max_calls": 1} if cfg.eval.nice else {}))
 
 
 def _list(directory: str) -> list[str]:
