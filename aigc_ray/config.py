@@ -211,14 +211,14 @@ class EvalConfig:
     timeout_s: float = 900.0
     """An evaluation still unfinished after this many seconds is cancelled (its checkpoint stays
     unscored); 0 = no limit."""
-    nice: int = 10
-    """OS scheduling priority (nice, 0-19) of the evaluation task during training. Where the
-    evaluation shares CPUs with busy training workers, a higher nice leaves them the CPU (at 10,
-    it gets about a tenth of a contended core) and finishes later instead; 0 = equal footing."""
+    background: bool = True
+    """Run the evaluation task as a background job (Linux SCHED_IDLE; elsewhere the lowest nice):
+    where it shares CPUs with busy training workers, it gets only the CPU they leave idle and
+    finishes later instead of slowing them. (Ray already runs every worker at nice 15, so a
+    nice value alone has almost no room left.) False = equal footing with training."""
 
     def __post_init__(self) -> None:
         _check(self.every_epochs >= 0, "eval.every_epochs must be >= 0")
-        _check(0 <= self.nice <= 19, "eval.nice must be in 0..19")
         _check(self.num_samples >= 10, "eval.num_samples must be >= 10")
         _check(self.cpus >= 0, "eval.cpus must be >= 0")
         _check(self.timeout_s >= 0, "eval.timeout_s must be >= 0 (0 = no limit)")

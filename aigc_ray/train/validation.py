@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import threading
 
 import pyarrow.fs as pafs
 import ray.train
@@ -26,12 +27,13 @@ EVALS = "evals"
 UNSCORED = math.inf  # the "fid" a checkpoint carries until evaluated: ranks it last, never best
 
 
-def validate(checkpoint: ray.train.Checkpoint, run_dir: str, num_samples: int, seed: int, nice: int = 0) -> dict:
+def validate(checkpoint: ray.train.Checkpoint, run_dir: str, num_samples: int, seed: int,
+             background: bool = False) -> dict:
     """The validation fn (a Ray task): score the checkpoint, write its card, return flat metrics."""
     from aigc_ray.eval.quality import flat_metrics, score_checkpoint
 
-    if nice:
-        lower_priority(nice)
+    if background:
+        run_in_background()
 
     with checkpoint.as_directory() as local:
         card = score_checkpoint(local, num_samples, seed)
@@ -46,16 +48,20 @@ def validate(checkpoint: ray.train.Checkpoint, run_dir: str, num_samples: int, s
     return metrics
 
 
-def lower_priority(nice: int) -> None:
-    """Raise this process's nice value to ``nice``, on every thread (Linux keeps one per thread;
-    threads started later, such as torch's pool, inherit it). The task runs in a worker process
-    of its own (max_calls=1, validation_config): no later task inherits the low priority."""
-    tasks = "/proc/self/task"
-    for tid in [int(t) for t in os.listdir(tasks)] if os.path.isdir(tasks) else [0]:
-        try:
-            os.setpriority(os.PRIO_PROCESS, tid, max(nice, os.getpriority(os.PRIO_PROCESS, tid)))
-        except OSError:  # a thread that has just exited
-            pass
+def run_in_background() -> None:
+    """Make the calling thread a background job: SCHED_IDLE (Linux), which runs only on CPU time
+    no normal thread wants; the lowest nice where there is none. Linux schedules threads, not
+    processes: threads this one starts later (torch's pools) inherit it, Ray's own threads in
+    the process keep theirs. It can't be undone without privileges, which is why the task runs
+    in worker processes of its own (the runtime_env in validation_config)."""
+    tid = threading.get_native_id()
+    try:
+        if hasattr(os, "SCHED_IDLE"):
+            os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
+        else:  # pragma: no cover - not Linux
+            os.setpriority(os.PRIO_PROCESS, tid, 19)
+    except OSError as err:  # pragma: no cover - a sandbox that forbids it: score at normal priority
+        print(f"eval: could not lower the evaluation's priority: {err}")
 
 
 def record_eval(run_dir: str, card: dict, metrics: dict, checkpoint_path: str) -> None:
@@ -69,11 +75,12 @@ def validation_config(cfg: ExperimentConfig, run_dir: str) -> ray.train.Validati
         fn=validate,
         task_config=ray.train.ValidationTaskConfig(
             fn_kwargs={"run_dir": run_dir, "num_samples": cfg.eval.num_samples, "seed": cfg.eval.seed,
-                       "nice": cfg.eval.nice},
+                       "background": cfg.eval.background},
             timeout_s=cfg.eval.timeout_s or None),
-        # a lowered priority can't be raised back without privileges: the worker process
-        # that ran a niced evaluation exits after it
-        ray_remote_kwargs={"num_cpus": cfg.eval.cpus, "num_gpus": 0} | ({"max_calls": 1} if cfg.eval.nice else {}))
+        # a background evaluation's priority can't be raised back: a runtime_env of its own
+        # gives it worker processes that no other task or actor is handed
+        ray_remote_kwargs={"num_cpus": cfg.eval.cpus, "num_gpus": 0}
+        | ({"runtime_env": {"env_vars": {"AIGC_RAY_EVAL_WORKER": "background"}}} if cfg.eval.background else {}))
 
 
 def _list(directory: str) -> list[str]:
