@@ -8,10 +8,9 @@ bench/results/tune_efficiency.json.
     python bench/tune_efficiency.py --size small    # 16 px, 12 trials x 8 epochs
     python bench/tune_efficiency.py --size full     # 16 px, 27 trials x 27 epochs
 
-"trial_epochs" counts the epochs trained. With asynchronous evaluation a trial keeps
-training while its epoch is scored, so a trial ASHA stops has usually trained a little past
-its rung; "scored_trial_epochs" counts up to the last scored epoch (what synchronous
-evaluation would have spent).
+"trial_epochs" counts the epochs trained; "scored_trial_epochs" counts up to each trial's last
+scored epoch. ASHA/FIFO trials score inline (before the epoch's report), so ASHA stops a trial
+at its rung and the two agree.
 """
 
 from __future__ import annotations
@@ -87,7 +86,10 @@ def main() -> int:
 
     # logical CPUs: each concurrent trial holds one for its worker and needs one for its data
     # reads and evaluations (they mostly wait on each other, so this oversubscribes little)
-    ray.init(num_cpus=max(4, 2 * (args.concurrency or 2)), include_dashboard=False)
+    # (with the dashboard: Train V2's PlacementGroupCleaner asks its State API whether a trial's
+    # controller is gone; without it, a worker placement group left by a controller that died
+    # with its trial's actor is never removed, and after a few trials the next ones wait forever)
+    ray.init(num_cpus=max(4, 2 * (args.concurrency or 2)))
     with tempfile.TemporaryDirectory(prefix="tune-bench-") as work:
         fifo = run("fifo", args, size, work)
         asha = run("asha", args, size, work)
