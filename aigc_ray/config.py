@@ -16,8 +16,6 @@ from typing import Any
 
 import yaml
 
-MODEL_FAMILIES = ("dcgan", "wgan-gp", "vae", "ae", "seed-recipe")
-GAN_FAMILIES = ("dcgan", "wgan-gp", "seed-recipe")
 VALID_IMAGE_SIZES = (8, 16, 32, 64, 128)
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 
@@ -79,7 +77,8 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     family: str = "dcgan"
-    """dcgan | wgan-gp | vae | ae | seed-recipe (the TensorFlow-tutorial DCGAN baseline)."""
+    """A registered model family (aigc_ray/models/registry.py): dcgan | wgan-gp | vae | ae |
+    seed-recipe | ... (`aigc-ray train --help` lists them)."""
     image_size: int = 16
     """Generated side length; must equal data.image_size."""
     channels: int = 1
@@ -89,29 +88,52 @@ class ModelConfig:
     width: int = 64
     """Base channel count; layers use width * 2^k, capped at width * 8."""
     num_classes: int = 0
-    """0 = unconditional; > 0 = class-conditional with this many labels (GANs only)."""
-    beta: float = 1.0
-    """VAE: weight of the KL term in the ELBO."""
-    recon_loss: str = "bce"
-    """VAE/AE reconstruction likelihood: bce (Bernoulli on [0,1] pixels) or mse (Gaussian)."""
+    """0 = unconditional; > 0 = class-conditional with this many labels (families that can)."""
+    options: dict = field(default_factory=dict)
+    """The family's own settings (e.g. vae: beta, recon_loss), checked by the family's Options
+    dataclass; a key the family does not know is an error. Read them typed as ``.opts``."""
 
     def __post_init__(self) -> None:
-        _check(self.family in MODEL_FAMILIES,
-               f"model.family={self.family!r} is unknown; use one of {MODEL_FAMILIES}")
+        from aigc_ray.models.registry import UnknownFamilyError, families_accepting, get_family
+
+        try:
+            family = get_family(self.family)
+        except UnknownFamilyError as err:
+            raise ConfigError(str(err)) from None
         _check(self.image_size in VALID_IMAGE_SIZES,
                f"model.image_size={self.image_size} can't be built; sizes that work: {VALID_IMAGE_SIZES}")
         _check(self.channels in (1, 3), f"model.channels={self.channels} must be 1 or 3")
         _check(self.latent_dim > 0, "model.latent_dim must be positive")
         _check(self.width > 0, "model.width must be positive")
         _check(self.num_classes >= 0, "model.num_classes must be >= 0")
-        _check(self.num_classes == 0 or self.family in ("dcgan", "wgan-gp"),
-               f"model.num_classes: class-conditioning is supported for dcgan and wgan-gp, not {self.family}")
-        _check(self.beta >= 0, "model.beta must be >= 0")
-        _check(self.recon_loss in ("bce", "mse"), "model.recon_loss must be bce or mse")
+        _check(self.num_classes == 0 or family.capabilities.conditional,
+               f"model.num_classes: model family {self.family!r} is not class-conditional")
+        if dataclasses.is_dataclass(self.options):  # a typed Options object (e.g. from asdict's input)
+            self.options = dataclasses.asdict(self.options)
+        _check(isinstance(self.options, dict), f"model.options must be a mapping, got {type(self.options).__name__}")
+        for key in self.options:
+            _check(key in family.option_names,
+                   f"model.options.{key} means nothing for model family {self.family!r}"
+                   + (f"; families that take it: {', '.join(families_accepting(key))}" if families_accepting(key)
+                      else f"; {self.family} takes: {', '.join(family.option_names) or 'no options'}"))
+        try:
+            self._opts = family.Options(**self.options)
+        except TypeError as err:
+            raise ConfigError(f"model.options: {err}") from None
+        # keep every option written out, so a checkpoint or a YAML dump says what was used
+        self.options = dataclasses.asdict(self._opts)
 
     @property
-    def is_gan(self) -> bool:
-        return self.family in GAN_FAMILIES
+    def opts(self):
+        """The family's Options dataclass for these settings (validated)."""
+        return self._opts
+
+    @property
+    def family_spec(self):
+        """The registered family object (aigc_ray.models.registry.ModelFamily)."""
+        from aigc_ray.models.registry import get_family
+
+        return get_family(self.family)
 
 
 @dataclass
@@ -130,8 +152,6 @@ class TrainConfig:
     """Adam beta2."""
     critic_steps: int = 1
     """Discriminator updates per generator update (5 is usual for WGAN-GP)."""
-    gp_weight: float = 10.0
-    """WGAN-GP gradient-penalty weight (lambda)."""
     ema_decay: float = 0.999
     """Decay of the generator's exponential moving average; 0 turns EMA off."""
     seed: int = 42
@@ -183,7 +203,6 @@ class TrainConfig:
             _check(0 < getattr(self, name) < 1, f"train.{name} must be in (0, 1)")
         _check(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "train.beta1/beta2 must be in [0, 1)")
         _check(0 <= self.ema_decay < 1, "train.ema_decay must be in [0, 1)")
-        _check(self.gp_weight >= 0, "train.gp_weight must be >= 0")
         _check(self.max_failures >= -1, "train.max_failures must be >= -1 (-1 = retry forever)")
         _check(self.max_steps >= 0 and self.cpus_per_worker >= 0, "train.max_steps/cpus_per_worker must be >= 0")
         _check(self.precision in PRECISIONS, f"train.precision={self.precision!r} is unknown; use one of {PRECISIONS}")
@@ -236,8 +255,6 @@ class ExperimentConfig:
                f"model.image_size={self.model.image_size} differs from data.image_size={self.data.image_size}")
         _check(self.model.channels == self.data.channels,
                f"model.channels={self.model.channels} differs from data.channels={self.data.channels}")
-        if self.model.family == "seed-recipe":
-            _check(self.model.image_size >= 8, "seed-recipe needs image_size >= 8")
 
     @property
     def run_name(self) -> str:
@@ -255,6 +272,7 @@ class ExperimentConfig:
         sections = {f.name: f.type for f in dataclasses.fields(cls)}
         unknown = set(raw) - set(sections)
         _check(not unknown, f"unknown config section(s): {sorted(unknown)}; known: {sorted(sections)}")
+        raw = _migrate_family_keys(raw)
         kwargs = {}
         for name, section_cls in _SECTION_TYPES.items():
             values = raw.get(name) or {}
@@ -268,20 +286,74 @@ class ExperimentConfig:
         return cls(**kwargs)
 
     def with_overrides(self, overrides: dict[str, Any]) -> ExperimentConfig:
-        """Return a copy with dotted keys replaced, e.g. {"train.lr_g": 1e-4}; validated anew."""
+        """Return a copy with dotted keys replaced, e.g. {"train.lr_g": 1e-4, "model.options.beta": 4};
+        validated anew. A key that means nothing for the model family is an error."""
         raw = self.to_dict()
+        if overrides.get("model.family", self.model.family) != self.model.family:
+            raw["model"]["options"] = {}  # the old family's options mean nothing to the new one
         for dotted, value in overrides.items():
-            section, _, key = dotted.partition(".")
-            _check(section in raw and key in raw[section], f"unknown config key {dotted!r}")
-            raw[section][key] = value
-        return ExperimentConfig.from_dict(raw)
+            *path, key = dotted.split(".")
+            node = raw
+            for part in path:
+                node = node.get(part) if isinstance(node, dict) else None
+            options = path == ["model", "options"]  # the family's own keys: checked by the family
+            _check(isinstance(node, dict) and (key in node or options) and len(path) >= 1,
+                   f"unknown config key {dotted!r}")
+            node[key] = value
+        cfg = ExperimentConfig.from_dict(raw)
+        check_family_keys(cfg, overrides)
+        return cfg
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
 _SECTION_TYPES = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "eval": EvalConfig}
-_TYPE_NAMES = {"int": int, "float": (int, float), "str": str, "bool": bool}
+_TYPE_NAMES = {"int": int, "float": (int, float), "str": str, "bool": bool, "dict": dict}
+# Settings that were flat fields before they moved to their family's options (checkpoints and
+# configs written before then still load): (section, key) -> the option's name.
+_LEGACY_FAMILY_KEYS = {("model", "beta"): ("beta", 1.0), ("model", "recon_loss"): ("recon_loss", "bce"),
+                       ("train", "gp_weight"): ("gp_weight", 10.0)}
+
+
+def _migrate_family_keys(raw: dict[str, Any]) -> dict[str, Any]:
+    """Move pre-registry flat keys into ``model.options`` when the family takes them; drop them
+    where they held their old default for a family that never used them (old checkpoints wrote
+    every key for every family); anything else is an error naming the key."""
+    if not any(isinstance(raw.get(sec), dict) and key in raw[sec] for sec, key in _LEGACY_FAMILY_KEYS):
+        return raw
+    from aigc_ray.models.registry import UnknownFamilyError, get_family
+
+    raw = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
+    model = raw.setdefault("model", {})
+    try:
+        family = get_family(model.get("family", ModelConfig.family))
+    except UnknownFamilyError as err:
+        raise ConfigError(str(err)) from None
+    options = dict(model.get("options") or {})
+    for (section, key), (option, old_default) in _LEGACY_FAMILY_KEYS.items():
+        if key not in (raw.get(section) or {}):
+            continue
+        value = raw[section].pop(key)
+        if option in family.option_names:
+            options.setdefault(option, value)
+        else:
+            _check(value == old_default, f"{section}.{key} means nothing for model family {family.name!r}")
+    model["options"] = options
+    return raw
+
+
+def check_family_keys(cfg: ExperimentConfig, given: Any) -> None:
+    """``given``: the dotted keys a user wrote (a config file's, --set's, a sweep's). A train key
+    that only some families use (train.lr_d, train.critic_steps) is an error for the others."""
+    from aigc_ray.models.registry import _FAMILIES
+
+    family = cfg.model.family_spec
+    for dotted in given:
+        section, _, key = dotted.partition(".")
+        users = [f.name for f in _FAMILIES.values() if key in f.train_keys]
+        _check(section != "train" or not users or key in family.train_keys,
+               f"{dotted} means nothing for model family {family.name!r}; families that use it: {', '.join(users)}")
 
 
 def _check_type(name: str, f: dataclasses.Field, value: Any) -> None:
@@ -312,4 +384,7 @@ def load_config(name_or_path: str | None) -> ExperimentConfig:
         if not shipped.is_file():
             raise ConfigError(f"no config named {name_or_path!r}; shipped: {', '.join(named_configs())}")
         text = shipped.read_text()
-    return ExperimentConfig.from_dict(yaml.safe_load(text) or {})
+    raw = yaml.safe_load(text) or {}
+    cfg = ExperimentConfig.from_dict(raw)
+    check_family_keys(cfg, [f"{sec}.{key}" for sec, values in raw.items() if isinstance(values, dict) for key in values])
+    return cfg

@@ -1,4 +1,4 @@
-"""DCGAN generator and discriminator for any power-of-two image size (8..128).
+"""The `dcgan` family: DCGAN generator and discriminator for any power-of-two image size (8..128).
 
 Plain torch. The generator maps z (N, latent_dim) [+ label (N,)] to images (N, C, S, S)
 in [-1, 1]; the discriminator maps images [+ labels] to one logit per image (N,).
@@ -12,6 +12,9 @@ import math
 
 import torch
 from torch import nn
+
+from aigc_ray.models.registry import Capabilities, ModelFamily, TrainNets, register
+from aigc_ray.models.steps import gan_step
 
 
 def num_upsamplings(image_size: int) -> int:
@@ -87,3 +90,18 @@ def init_weights(module: nn.Module) -> None:
         elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
             nn.init.normal_(m.weight, 1.0, 0.02)
             nn.init.zeros_(m.bias)
+
+
+@register
+class DCGAN(ModelFamily):
+    name = "dcgan"
+    summary = "DCGAN, non-saturating loss on logits; optionally class-conditional (projection D)"
+    capabilities = Capabilities(generate=True, reconstruct=False, conditional=True, adversarial=True)
+    train_metrics = frozenset({"loss_d", "loss_g", "d_real", "d_fake"})
+
+    def build(self, m) -> tuple[nn.Module, nn.Module]:
+        return (DCGANGenerator(m.image_size, m.channels, m.latent_dim, m.width, m.num_classes),
+                DCGANDiscriminator(m.image_size, m.channels, m.width, m.num_classes, norm="batch"))
+
+    def train_step(self, nets: TrainNets, real, labels, ctx, update_g: bool) -> dict[str, torch.Tensor]:
+        return gan_step(nets.G, nets.D, nets.opt_g, nets.opt_d, real, labels, nets.model.latent_dim, ctx, update_g)

@@ -1,4 +1,4 @@
-"""The `seed-recipe` baseline: the TensorFlow-tutorial DCGAN, kept to measure against.
+"""The `seed-recipe` family, a baseline: the TensorFlow-tutorial DCGAN, kept to measure against.
 
 For 28x28 it is: G: dense 7x7x256, BN, LeakyReLU, deconv 128 s1, deconv 64 s2, deconv 1 s2
 tanh; D: conv 64 s2, conv 128 s2 (LeakyReLU, dropout 0.3 after each), dense 1. Here the
@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+
+from aigc_ray.models.registry import Capabilities, ModelFamily, TrainNets, register
+from aigc_ray.models.steps import gan_step
 
 
 class SeedRecipeGenerator(nn.Module):
@@ -39,3 +42,17 @@ class SeedRecipeDiscriminator(nn.Module):
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         return self.net(images).squeeze(1)  # logits (N,)
+
+
+@register
+class SeedRecipe(ModelFamily):
+    name = "seed-recipe"
+    summary = "the TensorFlow-tutorial DCGAN of the source documents, kept as the baseline to beat"
+    capabilities = Capabilities(generate=True, reconstruct=False, conditional=False, adversarial=True)
+    train_metrics = frozenset({"loss_d", "loss_g", "d_real", "d_fake"})
+
+    def build(self, m) -> tuple[nn.Module, nn.Module]:
+        return SeedRecipeGenerator(m.image_size, m.channels, m.latent_dim), SeedRecipeDiscriminator(m.image_size, m.channels)
+
+    def train_step(self, nets: TrainNets, real, labels, ctx, update_g: bool) -> dict[str, torch.Tensor]:
+        return gan_step(nets.G, nets.D, nets.opt_g, nets.opt_d, real, None, nets.model.latent_dim, ctx, update_g)

@@ -1,4 +1,4 @@
-"""Convolutional VAE and plain autoencoder.
+"""The `vae` family: a convolutional VAE (the plain autoencoder, family `ae`, reuses it).
 
 Encoder: (N, C, S, S) -> (N, width*2^k, 4, 4) -> mu, logvar (N, latent_dim) (the AE uses
 mu only). Decoder: z (N, latent_dim) -> pixel logits (N, C, S, S); ``decode`` returns
@@ -7,10 +7,17 @@ images in [-1, 1]. Loss terms live in aigc_ray.train.steps.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
+from aigc_ray.config import ConfigError
 from aigc_ray.models.dcgan import _channels, init_weights, num_upsamplings
+from aigc_ray.models.registry import Capabilities, ModelFamily, TrainNets, register
+from aigc_ray.models.steps import vae_step
+
+RECON_LOSSES = ("bce", "mse")
 
 
 class Encoder(nn.Module):
@@ -75,3 +82,49 @@ class VAE(nn.Module):
         mu, logvar = self.encode(images)
         z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar) if self.variational else mu
         return self.decode_logits(z), mu, logvar
+
+
+def check_recon_loss(value: str) -> None:
+    if value not in RECON_LOSSES:
+        raise ConfigError(f"model.options.recon_loss={value!r} is unknown; use one of {RECON_LOSSES}")
+
+
+@dataclass
+class VAEOptions:
+    beta: float = 1.0
+    """Weight of the KL term in the ELBO (beta-VAE; 1 is the plain ELBO)."""
+    recon_loss: str = "bce"
+    """Reconstruction likelihood: bce (Bernoulli on [0,1] pixels) or mse (Gaussian, fixed variance)."""
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.beta, (int, float)) and self.beta >= 0):
+            raise ConfigError(f"model.options.beta must be a number >= 0, got {self.beta!r}")
+        check_recon_loss(self.recon_loss)
+
+
+class _AutoencoderFamily(ModelFamily):
+    """What the VAE and the plain AE share: one module that encodes and decodes."""
+
+    def reconstruct(self, model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+        mu, _ = model.encode(images)
+        return model.decode(mu)
+
+
+@register
+class VAEFamily(_AutoencoderFamily):
+    name = "vae"
+    summary = "convolutional beta-VAE: negative ELBO with the closed-form Gaussian KL"
+    Options = VAEOptions
+    capabilities = Capabilities(generate=True, reconstruct=True, conditional=False, adversarial=False)
+    train_metrics = frozenset({"loss", "recon", "kl"})
+    pbt_mutable_options = frozenset({"beta"})
+
+    def build(self, m) -> tuple[nn.Module, None]:
+        return VAE(m.image_size, m.channels, m.latent_dim, m.width, variational=True), None
+
+    def train_step(self, nets: TrainNets, real, labels, ctx, update_g: bool) -> dict[str, torch.Tensor]:
+        o = nets.model.opts
+        return vae_step(nets.G, nets.opt_g, real, ctx, o.beta, o.recon_loss, variational=True)
+
+    def sample(self, model: nn.Module, z: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        return model.decode(z)
