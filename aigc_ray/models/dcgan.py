@@ -9,10 +9,12 @@ projection discriminator (Miyato & Koyama 2018): logit = linear(h) + <embed(y), 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from aigc_ray.models.diffaugment import check_policy, parse_policy
 from aigc_ray.models.registry import Capabilities, ModelFamily, TrainNets, register
 from aigc_ray.models.steps import gan_step
 
@@ -92,16 +94,29 @@ def init_weights(module: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
+@dataclass
+class DCGANOptions:
+    diffaugment: str = "translation,cutout,color"
+    """DiffAugment ops applied to real and fake images before D (aigc_ray/models/diffaugment.py),
+    comma-separated, from translation, cutout, color; "" turns it off."""
+
+    def __post_init__(self) -> None:
+        check_policy(self.diffaugment)
+
+
 @register
 class DCGAN(ModelFamily):
     name = "dcgan"
     summary = "DCGAN, non-saturating loss on logits; optionally class-conditional (projection D)"
+    Options = DCGANOptions
     capabilities = Capabilities(generate=True, reconstruct=False, conditional=True, adversarial=True)
     train_metrics = frozenset({"loss_d", "loss_g", "d_real", "d_fake"})
+    pbt_mutable_options = frozenset({"diffaugment"})
 
     def build(self, m) -> tuple[nn.Module, nn.Module]:
         return (DCGANGenerator(m.image_size, m.channels, m.latent_dim, m.width, m.num_classes),
                 DCGANDiscriminator(m.image_size, m.channels, m.width, m.num_classes, norm="batch"))
 
     def train_step(self, nets: TrainNets, real, labels, ctx, update_g: bool) -> dict[str, torch.Tensor]:
-        return gan_step(nets.G, nets.D, nets.opt_g, nets.opt_d, real, labels, nets.model.latent_dim, ctx, update_g)
+        return gan_step(nets.G, nets.D, nets.opt_g, nets.opt_d, real, labels, nets.model.latent_dim, ctx, update_g,
+                        parse_policy(nets.model.opts.diffaugment))

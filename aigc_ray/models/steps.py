@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from aigc_ray.models.diffaugment import diff_augment
+
 
 @dataclass
 class StepContext:
@@ -43,6 +45,11 @@ class StepContext:
             self.scaler.update()
 
 
+def augmenter(policy: tuple[str, ...]):
+    """What D's inputs go through: DiffAugment with ``policy`` (an op tuple), or nothing when empty."""
+    return (lambda x: diff_augment(x, policy)) if policy else (lambda x: x)
+
+
 def _no_sync(module: nn.Module):
     """Skip DDP's gradient all-reduce for D's backward during the G step: D isn't updated
     there and its grads are zeroed before D's next step."""
@@ -50,17 +57,20 @@ def _no_sync(module: nn.Module):
 
 
 def gan_step(G: nn.Module, D: nn.Module, opt_g, opt_d, real: torch.Tensor, labels: torch.Tensor | None,
-             latent_dim: int, ctx: StepContext, update_g: bool = True) -> dict[str, torch.Tensor]:
+             latent_dim: int, ctx: StepContext, update_g: bool = True,
+             augment: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
     """Non-saturating DCGAN step. real: (N, C, S, S) in [-1, 1]; labels: (N,) or None.
 
-    D loss: -[log D(x) + log(1 - D(G(z)))]; G loss: -log D(G(z)); both with BCE on logits.
+    D loss: -[log D(T(x)) + log(1 - D(T(G(z))))]; G loss: -log D(T(G(z))); both with BCE on
+    logits. T: DiffAugment with the ``augment`` policy (identity when empty), on real and fake.
     """
+    aug = augmenter(augment)
     n = real.shape[0]
     z = torch.randn(n, latent_dim, device=real.device)
     with ctx.cast():
         fake = G(z, labels)  # (N, C, S, S), kept with its graph for the G step
         # D step: fake is detached so no gradient reaches G
-        d_real, d_fake = D(real, labels), D(fake.detach(), labels)
+        d_real, d_fake = D(aug(real), labels), D(aug(fake.detach()), labels)
         loss_d = (F.binary_cross_entropy_with_logits(d_real, torch.ones_like(d_real))
                   + F.binary_cross_entropy_with_logits(d_fake, torch.zeros_like(d_fake)))
     opt_d.zero_grad(set_to_none=True)
@@ -71,7 +81,7 @@ def gan_step(G: nn.Module, D: nn.Module, opt_g, opt_d, real: torch.Tensor, label
         # G step: D (just updated) scores the same fakes; target "real" = non-saturating loss
         opt_g.zero_grad(set_to_none=True)
         with _no_sync(D), ctx.cast():
-            d_gen = D(fake, labels)
+            d_gen = D(aug(fake), labels)
             loss_g = F.binary_cross_entropy_with_logits(d_gen, torch.ones_like(d_gen))
         ctx.backward_step(loss_g, opt_g, only_own_grads=True)
         out["loss_g"] = loss_g.detach()
@@ -80,18 +90,22 @@ def gan_step(G: nn.Module, D: nn.Module, opt_g, opt_d, real: torch.Tensor, label
 
 
 def wgan_gp_step(G: nn.Module, D: nn.Module, opt_g, opt_d, real: torch.Tensor, labels: torch.Tensor | None,
-                 latent_dim: int, ctx: StepContext, gp_weight: float, update_g: bool) -> dict[str, torch.Tensor]:
+                 latent_dim: int, ctx: StepContext, gp_weight: float, update_g: bool,
+                 augment: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
     """One critic step, plus a generator step when ``update_g`` (every critic_steps batches).
 
     Critic: E[D(G(z))] - E[D(x)] + lambda * E[(||grad D(x_hat)||_2 - 1)^2]; G: -E[D(G(z))].
     Real, fake and interpolated images go through the critic in one forward pass (the
     critic has no BatchNorm, so samples don't interact), which keeps DDP to one
-    forward/backward per step.
+    forward/backward per step. With ``augment``, real and fake are DiffAugmented first and the
+    penalty is taken between the augmented images (what the critic sees).
     """
+    aug = augmenter(augment)
     n = real.shape[0]
     z = torch.randn(n, latent_dim, device=real.device)
     with torch.no_grad(), ctx.cast():
-        fake = G(z, labels)
+        fake = aug(G(z, labels).float())
+    real = aug(real)
     eps = torch.rand(n, 1, 1, 1, device=real.device)
     x_hat = (eps * real + (1 - eps) * fake.float()).requires_grad_(True)
     both_labels = None if labels is None else labels.repeat(3)
@@ -110,7 +124,48 @@ def wgan_gp_step(G: nn.Module, D: nn.Module, opt_g, opt_d, real: torch.Tensor, l
         opt_g.zero_grad(set_to_none=True)
         z = torch.randn(n, latent_dim, device=real.device)
         with _no_sync(D), ctx.cast():
-            loss_g = -D(G(z, labels), labels).float().mean()
+            loss_g = -D(aug(G(z, labels)), labels).float().mean()
+        ctx.backward_step(loss_g, opt_g, only_own_grads=True)
+        out["loss_g"] = loss_g.detach()
+    ctx.end_batch()
+    return out
+
+
+def hinge_step(G: nn.Module, D: nn.Module, opt_g, opt_d, real: torch.Tensor, labels: torch.Tensor | None,
+               latent_dim: int, ctx: StepContext, update_g: bool, augment: tuple[str, ...] = (),
+               r1_gamma: float = 0.0) -> dict[str, torch.Tensor]:
+    """Hinge-loss step (SNGAN, Miyato et al. 2018) with an optional R1 penalty (Mescheder et al. 2018).
+
+    D: E[relu(1 - D(T(x)))] + E[relu(1 + D(T(G(z))))] + r1_gamma/2 * E[||grad D(T(x))||^2], the
+    gradient taken at the (augmented) real images D sees; G: -E[D(T(G(z)))]. T: DiffAugment.
+    """
+    aug = augmenter(augment)
+    n = real.shape[0]
+    z = torch.randn(n, latent_dim, device=real.device)
+    with ctx.cast():
+        fake = G(z, labels)  # (N, C, S, S), kept with its graph for the G step
+    real_in = aug(real)
+    if r1_gamma > 0:
+        real_in = real_in.detach().requires_grad_(True)
+    with ctx.cast():
+        d_real, d_fake = D(real_in, labels), D(aug(fake.detach()), labels)
+        loss_d = F.relu(1 - d_real.float()).mean() + F.relu(1 + d_fake.float()).mean()
+    out = {"d_real": d_real.detach().float().mean(), "d_fake": d_fake.detach().float().mean()}
+    if r1_gamma > 0:
+        # the penalty's double backward runs in fp32 (as WGAN-GP's)
+        grad = torch.autograd.grad(d_real.float().sum(), real_in, create_graph=True)[0]
+        r1 = grad.float().pow(2).flatten(1).sum(1).mean()
+        loss_d = loss_d + (r1_gamma / 2) * r1
+        out["r1"] = r1.detach()
+    else:
+        out["r1"] = torch.zeros((), device=real.device)
+    opt_d.zero_grad(set_to_none=True)
+    ctx.backward_step(loss_d, opt_d)
+    out["loss_d"] = loss_d.detach()
+    if update_g:
+        opt_g.zero_grad(set_to_none=True)
+        with _no_sync(D), ctx.cast():
+            loss_g = -D(aug(fake), labels).float().mean()
         ctx.backward_step(loss_g, opt_g, only_own_grads=True)
         out["loss_g"] = loss_g.detach()
     ctx.end_batch()

@@ -11,6 +11,7 @@ from torch import nn
 
 from aigc_ray.config import ConfigError
 from aigc_ray.models.dcgan import DCGANDiscriminator, DCGANGenerator
+from aigc_ray.models.diffaugment import check_policy, parse_policy
 from aigc_ray.models.registry import Capabilities, ModelFamily, TrainNets, register
 from aigc_ray.models.steps import wgan_gp_step
 
@@ -19,8 +20,12 @@ from aigc_ray.models.steps import wgan_gp_step
 class WGANGPOptions:
     gp_weight: float = 10.0
     """Weight (lambda) of the gradient penalty E[(||grad D(x_hat)||_2 - 1)^2]."""
+    diffaugment: str = "translation,cutout,color"
+    """DiffAugment ops applied to real and fake images before the critic, comma-separated, from
+    translation, cutout, color; "" turns it off."""
 
     def __post_init__(self) -> None:
+        check_policy(self.diffaugment)
         if not (isinstance(self.gp_weight, (int, float)) and self.gp_weight >= 0):
             raise ConfigError(f"model.options.gp_weight must be a number >= 0, got {self.gp_weight!r}")
 
@@ -32,7 +37,7 @@ class WGANGP(ModelFamily):
     Options = WGANGPOptions
     capabilities = Capabilities(generate=True, reconstruct=False, conditional=True, adversarial=True)
     train_metrics = frozenset({"loss_d", "loss_g", "d_real", "d_fake", "gp"})
-    pbt_mutable_options = frozenset({"gp_weight"})
+    pbt_mutable_options = frozenset({"gp_weight", "diffaugment"})
 
     def needs_double_backward(self, model_cfg) -> bool:
         return True
@@ -44,4 +49,4 @@ class WGANGP(ModelFamily):
 
     def train_step(self, nets: TrainNets, real, labels, ctx, update_g: bool) -> dict[str, torch.Tensor]:
         return wgan_gp_step(nets.G, nets.D, nets.opt_g, nets.opt_d, real, labels, nets.model.latent_dim, ctx,
-                            nets.model.opts.gp_weight, update_g)
+                            nets.model.opts.gp_weight, update_g, parse_policy(nets.model.opts.diffaugment))
