@@ -21,7 +21,7 @@ class AEOptions:
     """Reconstruction loss: bce (on [0,1] pixels) or mse."""
 
     def __post_init__(self) -> None:
-        check_recon_loss(self.recon_loss)
+        check_recon_loss(self.recon_loss, ("bce", "mse"))
 
 
 @register

@@ -177,7 +177,8 @@ def vae_step(model: nn.Module, opt, real: torch.Tensor, ctx: StepContext, beta: 
     """Negative ELBO: -E_q[log p(x|z)] + beta * KL(q(z|x) || N(0, I)), per image.
 
     Pixels are mapped to [0, 1]; bce is a Bernoulli likelihood on decoder logits, mse a
-    Gaussian one. The plain autoencoder (variational=False) drops the KL term.
+    Gaussian one with a fixed variance, sigma a Gaussian one with a learned shared variance.
+    The plain autoencoder (variational=False) drops the KL term.
     """
     n = real.shape[0]
     target = (real + 1) / 2
@@ -186,6 +187,12 @@ def vae_step(model: nn.Module, opt, real: torch.Tensor, ctx: StepContext, beta: 
     logits, mu, logvar = logits.float(), mu.float(), logvar.float()
     if recon_loss == "bce":
         recon = F.binary_cross_entropy_with_logits(logits, target, reduction="sum") / n
+    elif recon_loss == "sigma":
+        # Gaussian NLL per image with one variance for all pixels at its optimum, the batch's mean
+        # squared error (held constant in the gradient): sum (x - x')^2 / (2 s^2) + D log s
+        squared = (torch.sigmoid(logits) - target).pow(2)
+        variance = squared.detach().mean().clamp_min(1e-6)
+        recon = (squared.sum() / (2 * variance)) / n + 0.5 * squared[0].numel() * variance.log()
     else:
         recon = F.mse_loss(torch.sigmoid(logits), target, reduction="sum") / n
     kl = (-0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).sum()) / n if variational else torch.zeros((), device=real.device)

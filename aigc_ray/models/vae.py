@@ -17,7 +17,9 @@ from aigc_ray.models.dcgan import _channels, init_weights, num_upsamplings
 from aigc_ray.models.registry import Capabilities, ModelFamily, TrainNets, register
 from aigc_ray.models.steps import vae_step
 
-RECON_LOSSES = ("bce", "mse")
+RECON_LOSSES = ("bce", "mse", "sigma")
+PRIORS = ("standard", "fitted")
+PRIOR_MOMENTUM = 0.02  # per training batch: the fitted prior averages over the last ~50 batches
 
 
 class Encoder(nn.Module):
@@ -54,13 +56,27 @@ class Decoder(nn.Module):
 
 
 class VAE(nn.Module):
-    """``variational=False`` gives the plain autoencoder (reconstruction only, no prior)."""
+    """``variational=False`` gives the plain autoencoder (reconstruction only, no prior).
 
-    def __init__(self, image_size: int, channels: int, latent_dim: int, width: int, variational: bool = True):
+    ``fitted_prior``: sample from a full-covariance Gaussian fitted to the aggregate posterior
+    q(z) = E_x q(z|x) instead of N(0, I) (an ex-post density estimate, cf. Ghosh et al. 2020):
+    the regions of N(0, I) no training image encodes to decode to blurs. Its moments are running
+    averages over training batches, kept as buffers (like BatchNorm's running statistics):
+    prior_mean (latent_dim,), prior_cov and its Cholesky factor prior_scale (latent_dim, latent_dim).
+    ``sample(z)`` maps standard-normal latents through them, so seeds stay seeds.
+    """
+
+    def __init__(self, image_size: int, channels: int, latent_dim: int, width: int, variational: bool = True,
+                 fitted_prior: bool = False):
         super().__init__()
         self.latent_dim, self.variational, self.num_classes = latent_dim, variational, 0
+        self.fitted_prior = fitted_prior
         self.encoder = Encoder(image_size, channels, latent_dim, width, variational)
         self.decoder = Decoder(image_size, channels, latent_dim, width)
+        if fitted_prior:
+            self.register_buffer("prior_mean", torch.zeros(latent_dim))
+            self.register_buffer("prior_cov", torch.eye(latent_dim))
+            self.register_buffer("prior_scale", torch.eye(latent_dim))
         init_weights(self)
 
     def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,16 +93,37 @@ class VAE(nn.Module):
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(self.decoder(z)) * 2 - 1  # logits -> [-1, 1]
 
+    def sample(self, z: torch.Tensor) -> torch.Tensor:
+        """Standard-normal latents (N, latent_dim) -> images in [-1, 1], through the fitted prior if any."""
+        if self.fitted_prior:
+            z = self.prior_mean + z @ self.prior_scale.T
+        return self.decode(z)
+
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Return (reconstruction logits, mu, logvar); z is sampled by reparameterisation."""
         mu, logvar = self.encode(images)
+        if self.fitted_prior and self.training:
+            self._track_prior(mu.detach().float(), logvar.detach().float())
         z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar) if self.variational else mu
         return self.decode_logits(z), mu, logvar
 
+    @torch.no_grad()
+    def _track_prior(self, mu: torch.Tensor, logvar: torch.Tensor) -> None:
+        """Moment-match the batch's aggregate posterior: mean E[mu], covariance Cov(mu) + E[diag(var)].
+        No host sync (cholesky_ex), so the step stays capturable as a CUDA graph."""
+        mean = mu.mean(0)
+        centred = mu - mean
+        cov = centred.T @ centred / max(mu.shape[0] - 1, 1) + torch.diag(logvar.exp().mean(0))
+        self.prior_mean.lerp_(mean, PRIOR_MOMENTUM)
+        self.prior_cov.lerp_(cov, PRIOR_MOMENTUM)
+        eye = torch.eye(self.latent_dim, device=mu.device)
+        scale, info = torch.linalg.cholesky_ex(self.prior_cov + 1e-5 * eye)
+        self.prior_scale.copy_(torch.where(info == 0, scale, self.prior_scale))
 
-def check_recon_loss(value: str) -> None:
-    if value not in RECON_LOSSES:
-        raise ConfigError(f"model.options.recon_loss={value!r} is unknown; use one of {RECON_LOSSES}")
+
+def check_recon_loss(value: str, allowed: tuple[str, ...] = RECON_LOSSES) -> None:
+    if value not in allowed:
+        raise ConfigError(f"model.options.recon_loss={value!r} is unknown; use one of {allowed}")
 
 
 @dataclass
@@ -94,12 +131,20 @@ class VAEOptions:
     beta: float = 1.0
     """Weight of the KL term in the ELBO (beta-VAE; 1 is the plain ELBO)."""
     recon_loss: str = "bce"
-    """Reconstruction likelihood: bce (Bernoulli on [0,1] pixels) or mse (Gaussian, fixed variance)."""
+    """Reconstruction likelihood: bce (Bernoulli on [0,1] pixels), mse (Gaussian, fixed variance)
+    or sigma (Gaussian with a learned variance shared by all pixels, set to its optimum, the
+    batch's mean squared error: the sigma-VAE of Rybkin et al. 2021, which balances the
+    reconstruction against the KL term by itself)."""
+    prior: str = "standard"
+    """What samples are drawn from: standard (N(0, I)) or fitted (a full-covariance Gaussian
+    fitted to the encoded training images during training; see VAE)."""
 
     def __post_init__(self) -> None:
         if not (isinstance(self.beta, (int, float)) and self.beta >= 0):
             raise ConfigError(f"model.options.beta must be a number >= 0, got {self.beta!r}")
         check_recon_loss(self.recon_loss)
+        if self.prior not in PRIORS:
+            raise ConfigError(f"model.options.prior={self.prior!r} is unknown; use one of {PRIORS}")
 
 
 class _AutoencoderFamily(ModelFamily):
@@ -120,11 +165,12 @@ class VAEFamily(_AutoencoderFamily):
     pbt_mutable_options = frozenset({"beta"})
 
     def build(self, m) -> tuple[nn.Module, None]:
-        return VAE(m.image_size, m.channels, m.latent_dim, m.width, variational=True), None
+        return VAE(m.image_size, m.channels, m.latent_dim, m.width, variational=True,
+                   fitted_prior=m.opts.prior == "fitted"), None
 
     def train_step(self, nets: TrainNets, real, labels, ctx, update_g: bool) -> dict[str, torch.Tensor]:
         o = nets.model.opts
         return vae_step(nets.G, nets.opt_g, real, ctx, o.beta, o.recon_loss, variational=True)
 
     def sample(self, model: nn.Module, z: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
-        return model.decode(z)
+        return model.sample(z)

@@ -1,0 +1,188 @@
+"""The small-data recipes: DiffAugment, the sngan family (spectral norm, hinge, R1), the VAE's
+learned-variance likelihood and fitted prior. Pure torch, tiny shapes, no Ray."""
+
+import pytest
+import torch
+from torch import nn
+
+from aigc_ray.config import ConfigError, ModelConfig, load_config
+from aigc_ray.models import get_family
+from aigc_ray.models.diffaugment import cutout, diff_augment, translation
+from aigc_ray.models.registry import TrainNets
+from aigc_ray.models.steps import StepContext, gan_step, hinge_step, vae_step, wgan_gp_step
+from aigc_ray.models.vae import PRIOR_MOMENTUM
+
+
+def test_diffaugment_keeps_shape_and_passes_gradients_to_the_images():
+    x = (torch.rand(4, 3, 16, 16) * 2 - 1).requires_grad_(True)
+    y = diff_augment(x, "translation,cutout,color")
+    assert y.shape == x.shape
+    y.square().sum().backward()
+    assert x.grad.abs().sum() > 0  # differentiable: G is trained through it
+
+
+def test_translation_moves_content_by_at_most_an_eighth_and_fills_with_background():
+    x = torch.full((64, 1, 16, 16), -1.0)
+    x[:, :, 8, 8] = 1.0
+    y = translation(x)
+    assert set(y.unique().tolist()) <= {-1.0, 1.0}  # integer shifts: no interpolation
+    where = (y[:, 0] == 1).nonzero()[:, 1:]  # (row, col) of the bright pixel, per image
+    assert len(where) == 64 and (where - 8).abs().max() <= 2  # 16 px / 8
+    assert len({tuple(w) for w in where.tolist()}) > 5  # each image its own shift
+
+
+def test_cutout_blanks_one_square_of_half_the_side_per_image():
+    y = cutout(torch.ones(256, 1, 16, 16))
+    blanked = (y == 0).flatten(1).sum(1)
+    assert blanked.max() == 64 and blanked.min() >= 16  # 8x8, clipped at the border at worst to 4x4
+    assert (blanked == 64).any()
+
+
+def test_diffaugment_draws_from_torchs_default_generator():
+    # no private CPU generator: seeding torch reproduces it, and consecutive calls differ
+    x = torch.rand(8, 3, 16, 16) * 2 - 1
+    torch.manual_seed(3)
+    a, b = diff_augment(x, "translation,cutout,color"), diff_augment(x, "translation,cutout,color")
+    torch.manual_seed(3)
+    assert torch.equal(diff_augment(x, "translation,cutout,color"), a) and not torch.equal(a, b)
+    assert torch.equal(diff_augment(x, ""), x)
+
+
+@pytest.mark.parametrize("family", ["dcgan", "sngan", "wgan-gp"])
+def test_bad_diffaugment_policy_is_a_config_error_naming_the_field(family):
+    with pytest.raises(ConfigError, match=r"model.options.diffaugment='flip'.*unknown DiffAugment op"):
+        ModelConfig(family=family, options={"diffaugment": "flip"})
+
+
+def test_diffaugment_means_nothing_for_the_vae_nor_the_seed_recipe():
+    for family in ("vae", "seed-recipe"):
+        with pytest.raises(ConfigError, match="families that take it: dcgan, sngan, wgan-gp"):
+            ModelConfig(family=family, options={"diffaugment": "color"})
+
+
+class _Recorder(nn.Module):
+    """A critic that remembers every batch it is shown."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(1))
+        self.seen: list[torch.Tensor] = []
+
+    def forward(self, images, labels=None):
+        self.seen.append(images.detach().clone())
+        return images.flatten(1).mean(1) * self.w
+
+
+class _Const(nn.Module):
+    """A 'generator' drawing grey-ish noise (never exactly 0)."""
+
+    def __init__(self):
+        super().__init__()
+        self.b = nn.Parameter(torch.full((1, 1, 8, 8), 0.5))
+
+    def forward(self, z, labels=None):
+        return self.b.expand(z.shape[0], -1, -1, -1) + 0.0 * z.sum()
+
+
+@pytest.mark.parametrize("step", ["gan", "hinge", "wgan"])
+def test_every_image_the_discriminator_sees_is_augmented_real_and_fake_in_both_steps(step):
+    G, D = _Const(), _Recorder()
+    opt_g, opt_d = torch.optim.SGD(G.parameters(), lr=0.1), torch.optim.SGD(D.parameters(), lr=0.1)
+    real = torch.ones(6, 1, 8, 8)  # never 0: a 0 can only come from cutout
+    if step == "gan":
+        gan_step(G, D, opt_g, opt_d, real, None, 4, StepContext(), True, ("cutout",))
+    elif step == "hinge":
+        hinge_step(G, D, opt_g, opt_d, real, None, 4, StepContext(), True, ("cutout",), r1_gamma=1.0)
+    else:
+        wgan_gp_step(G, D, opt_g, opt_d, real, None, 4, StepContext(), 1.0, True, ("cutout",))
+    assert len(D.seen) >= 2  # D's step and G's step
+    if step == "wgan":  # the critic's batch is [real, fake, interpolates]: the last third mixes two cutouts
+        D.seen[0] = D.seen[0][:12]
+    for batch in D.seen:
+        zeros = (batch == 0).flatten(1).sum(1)
+        assert (zeros >= 4).all(), "an image reached D without the augmentation"
+
+
+def _train(family: str, steps: int, **options):
+    cfg = ModelConfig(family=family, image_size=8, latent_dim=8, width=8, options=options)
+    fam = get_family(family)
+    torch.manual_seed(0)
+    G, D = fam.build(cfg)
+    train = load_config(None).train
+    nets = TrainNets(G, D, torch.optim.Adam(G.parameters(), 2e-3, betas=(0.5, 0.999)),
+                     None if D is None else torch.optim.Adam(D.parameters(), 2e-3, betas=(0.5, 0.999)), cfg, train)
+    batch = (torch.rand(32, 1, 8, 8) > 0.5).float() * 2 - 1
+    return fam, nets, [fam.train_step(nets, batch, None, StepContext(), True) for _ in range(steps)], batch
+
+
+def test_sngan_discriminator_is_spectrally_normalised_and_learns_with_the_hinge_loss():
+    fam, nets, history, _ = _train("sngan", 25, diffaugment="")
+    assert history[-1]["d_real"] > history[-1]["d_fake"]  # real scored above fake
+    assert history[-1]["loss_d"] < history[0]["loss_d"]
+    nets.D.eval()
+    for module in nets.D.modules():
+        if isinstance(module, nn.Conv2d):  # the largest singular value of each weight ~ 1
+            sigma = torch.linalg.matrix_norm(module.weight.detach().flatten(1), ord=2)
+            assert 0.8 < float(sigma) < 1.2
+    assert "parametrizations.weight.original" in "".join(nets.D.state_dict())
+
+
+def test_sngan_r1_is_reported_and_switches_double_backward_on():
+    fam, _, history, _ = _train("sngan", 2, r1_gamma=1.0)
+    assert float(history[-1]["r1"]) > 0
+    assert fam.needs_double_backward(ModelConfig(family="sngan", options={"r1_gamma": 1.0}))
+    assert not fam.needs_double_backward(ModelConfig(family="sngan"))
+    with pytest.raises(ConfigError, match="model.options.r1_gamma must be a number >= 0"):
+        ModelConfig(family="sngan", options={"r1_gamma": -1})
+
+
+def test_sngan_is_class_conditional_with_a_projection_discriminator():
+    cfg = ModelConfig(family="sngan", image_size=16, latent_dim=8, width=4, num_classes=3)
+    G, D = get_family("sngan").build(cfg)
+    labels = torch.tensor([0, 2])
+    assert D(G(torch.randn(2, 8), labels), labels).shape == (2,)
+    with pytest.raises(ValueError, match="class-conditional"):
+        D(torch.zeros(2, 1, 16, 16))
+
+
+def test_vae_learned_variance_loss_falls():
+    _, _, history, _ = _train("vae", 25, recon_loss="sigma")
+    assert float(history[-1]["loss"]) < float(history[0]["loss"])
+    with pytest.raises(ConfigError, match="model.options.recon_loss='sigma' is unknown"):
+        ModelConfig(family="ae", options={"recon_loss": "sigma"})
+
+
+def test_vae_fitted_prior_tracks_the_encoded_training_images_and_samples_through_it():
+    fam, nets, _, batch = _train("vae", 3, prior="fitted")
+    model = nets.G
+    before_mean, before_cov = model.prior_mean.clone(), model.prior_cov.clone()
+    with torch.no_grad():
+        mu, logvar = model.encode(batch)  # BatchNorm in train mode: the same statistics forward() sees
+        model(batch)  # a training-mode forward updates the running moments
+    # moment matching of the aggregate posterior: mean E[mu], covariance Cov(mu) + E[diag(var)]
+    cov = torch.cov(mu.T) + torch.diag(logvar.exp().mean(0))
+    assert torch.allclose(model.prior_mean, before_mean.lerp(mu.mean(0), PRIOR_MOMENTUM), atol=1e-5)
+    assert torch.allclose(model.prior_cov, before_cov.lerp(cov, PRIOR_MOMENTUM), atol=1e-4)
+    assert torch.allclose(model.prior_scale @ model.prior_scale.T, model.prior_cov, atol=1e-4)
+    model.eval()
+    z = torch.randn(4, 8)
+    expected = model.decode(model.prior_mean + z @ model.prior_scale.T)
+    assert torch.allclose(fam.sample(model, z, None), expected)
+    settled = model.prior_mean.clone()
+    with torch.no_grad():
+        model(batch)  # eval mode: the prior stays put (reconstruction and evaluation don't move it)
+    assert torch.equal(model.prior_mean, settled)
+    # the prior travels with the weights: a model rebuilt from the config loads them
+    rebuilt, _ = fam.build(nets.model)
+    rebuilt.load_state_dict(model.state_dict())
+    assert torch.equal(rebuilt.prior_scale, model.prior_scale)
+    with pytest.raises(ConfigError, match="model.options.prior='flat' is unknown"):
+        ModelConfig(family="vae", options={"prior": "flat"})
+
+
+def test_vae_step_with_the_standard_prior_keeps_old_checkpoints_loadable():
+    cfg = ModelConfig(family="vae", image_size=8, latent_dim=4, width=8)
+    model, _ = get_family("vae").build(cfg)
+    assert not any(k.startswith("prior_") for k in model.state_dict())  # same keys as before the option
+    out = vae_step(model, torch.optim.Adam(model.parameters()), torch.zeros(4, 1, 8, 8), StepContext(), 1.0, "bce", True)
+    assert set(out) == {"loss", "recon", "kl"}
