@@ -10,14 +10,15 @@ from pathlib import Path
 
 import yaml
 
-from aigc_ray.config import MODEL_FAMILIES, ConfigError, ExperimentConfig, load_config, named_configs
+from aigc_ray.config import ConfigError, ExperimentConfig, load_config, named_configs
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("config (flags override the config file)")
     g.add_argument("--config", help=f"shipped config name ({', '.join(named_configs())}) or a YAML file; "
                                     "default: dcgan-digits")
-    g.add_argument("--model", choices=MODEL_FAMILIES, help="model family (model.family)")
+    g.add_argument("--model", help="model family (model.family): dcgan, wgan-gp, vae, ae, seed-recipe or any other "
+                                   "registered one (an unknown name lists them); its settings: --set model.options.KEY=V")
     g.add_argument("--dataset", help="digits | shapes | mnist | fashion-mnist | cifar10 | folder:PATH | parquet:PATH")
     g.add_argument("--data-root", help="where torchvision datasets and prepared copies live")
     g.add_argument("--image-size", type=int, help="8, 16, 32, 64 or 128 (data and model)")

@@ -14,6 +14,7 @@ import torch
 from torchvision.io import encode_png
 from torchvision.utils import make_grid
 
+from aigc_ray.models import get_family
 from aigc_ray.models.checkpoint import load_generator, model_version
 
 
@@ -26,6 +27,7 @@ class GeneratorPipeline:
         self.model, self.meta, self.version, self.device = model, meta, version, torch.device(device)
         cfg = meta["model"]
         self.family: str = cfg["family"]
+        self.spec = get_family(self.family)  # what this family can do, and how
         self.latent_dim: int = cfg["latent_dim"]
         self.num_classes: int = cfg["num_classes"]
         self.image_size: int = cfg["image_size"]
@@ -38,11 +40,11 @@ class GeneratorPipeline:
 
     @property
     def can_generate(self) -> bool:
-        return self.family != "ae"  # a plain autoencoder has no prior to sample from
+        return self.spec.capabilities.generate
 
     @property
     def can_reconstruct(self) -> bool:
-        return self.family in ("vae", "ae")
+        return self.spec.capabilities.reconstruct
 
     def latents(self, seeds: list[int]) -> torch.Tensor:
         """(N, latent_dim) standard-normal noise, row i drawn from seed seeds[i]."""
@@ -70,12 +72,8 @@ class GeneratorPipeline:
     def decode(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """Latents (N, latent_dim) -> uint8 images (N, C, S, S)."""
         if not self.can_generate:
-            raise PipelineError(f"model: {self.version} is a plain autoencoder; it can only reconstruct")
-        if self.family == "vae":
-            images = self.model.decode(z)
-        else:
-            images = self.model(z, labels)
-        return to_uint8(images)
+            raise PipelineError(f"model: {self.version} ({self.family}) cannot generate; it can only reconstruct")
+        return to_uint8(self.spec.sample(self.model, z, labels))
 
     def generate(self, seeds: list[int], labels: list[int] | None = None) -> torch.Tensor:
         return self.decode(self.latents(seeds), self.check_labels(labels, len(seeds)))
@@ -93,14 +91,13 @@ class GeneratorPipeline:
     def reconstruct(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 (N, C, S, S) -> uint8 reconstructions through the encoder's mean."""
         if not self.can_reconstruct:
-            raise PipelineError(f"model: {self.version} ({self.family}) has no encoder; reconstruct needs vae or ae")
+            raise PipelineError(f"model: {self.version} ({self.family}) has no encoder; it cannot reconstruct")
         expected = (self.channels, self.image_size, self.image_size)
         if tuple(images.shape[1:]) != expected:
             raise PipelineError(f"image: expected {expected[0]}x{expected[1]}x{expected[2]} (CxHxW), "
                                 f"got {'x'.join(map(str, images.shape[1:]))}")
         x = images.to(self.device, torch.float32) / 127.5 - 1
-        mu, _ = self.model.encode(x)
-        return to_uint8(self.model.decode(mu))
+        return to_uint8(self.spec.reconstruct(self.model, x))
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:

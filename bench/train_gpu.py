@@ -119,7 +119,7 @@ def run_plain(cfg: ExperimentConfig, images_u8: torch.Tensor, device, warmup: in
             if done == warmup:
                 _sync(device)
                 started = time.perf_counter()
-            logged = step_fn(netG, netD, optimizerG, optimizerD, data, device, m.latent_dim, t, done)
+            logged = step_fn(netG, netD, optimizerG, optimizerD, data, device, m.latent_dim, cfg, done)
             done += 1
             if done == warmup + steps:
                 break
@@ -127,7 +127,7 @@ def run_plain(cfg: ExperimentConfig, images_u8: torch.Tensor, device, warmup: in
     return time.perf_counter() - started, math.isfinite(logged)
 
 
-def _plain_dcgan(netG, netD, optimizerG, optimizerD, data, device, nz, t, i) -> float:
+def _plain_dcgan(netG, netD, optimizerG, optimizerD, data, device, nz, cfg, i) -> float:
     criterion = torch.nn.BCEWithLogitsLoss()  # the example's Sigmoid + BCELoss, on logits
     # (1) Update D network: maximize log(D(x)) + log(1 - D(G(z)))
     netD.zero_grad()
@@ -158,7 +158,7 @@ def _plain_dcgan(netG, netD, optimizerG, optimizerD, data, device, nz, t, i) -> 
     return errD.item() + errG.item() + 0 * (D_x + D_G_z1 + D_G_z2)
 
 
-def _plain_wgan_gp(netG, netD, optimizerG, optimizerD, data, device, nz, t, i) -> float:
+def _plain_wgan_gp(netG, netD, optimizerG, optimizerD, data, device, nz, cfg, i) -> float:
     for p in netD.parameters():
         p.requires_grad = True
     netD.zero_grad()
@@ -171,12 +171,12 @@ def _plain_wgan_gp(netG, netD, optimizerG, optimizerD, data, device, nz, t, i) -
     alpha = torch.rand(n, 1, 1, 1, device=device)
     interpolates = (alpha * real + (1 - alpha) * fake).requires_grad_(True)
     gradients = torch.autograd.grad(netD(interpolates).sum(), interpolates, create_graph=True)[0]
-    gradient_penalty = ((gradients.view(n, -1).norm(2, dim=1) - 1) ** 2).mean() * t.gp_weight
+    gradient_penalty = ((gradients.view(n, -1).norm(2, dim=1) - 1) ** 2).mean() * cfg.model.opts.gp_weight
     D_cost = D_fake - D_real + gradient_penalty
     D_cost.backward()
     optimizerD.step()
     logged = D_cost.item()
-    if (i + 1) % t.critic_steps == 0:
+    if (i + 1) % cfg.train.critic_steps == 0:
         for p in netD.parameters():
             p.requires_grad = False
         netG.zero_grad()
@@ -187,7 +187,7 @@ def _plain_wgan_gp(netG, netD, optimizerG, optimizerD, data, device, nz, t, i) -
     return logged
 
 
-def _plain_vae(model, _netD, optimizer, _opt, data, device, nz, t, i) -> float:
+def _plain_vae(model, _netD, optimizer, _opt, data, device, nz, cfg, i) -> float:
     data = data.to(device)
     optimizer.zero_grad()
     recon_batch, mu, logvar = model(data)

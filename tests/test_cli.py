@@ -36,7 +36,7 @@ def test_bad_config_is_a_clear_error_not_a_traceback():
 
 
 def test_train_dry_run_shows_the_one_config(tmp_path):
-    out = aigc("train", "--config", "vae-digits", "--epochs", "3", "--set", "model.beta=0.5", "--dry-run").stdout
+    out = aigc("train", "--config", "vae-digits", "--epochs", "3", "--set", "model.options.beta=0.5", "--dry-run").stdout
     assert "family: vae" in out and "epochs: 3" in out and "beta: 0.5" in out
 
 

@@ -6,7 +6,7 @@ import torch
 
 from aigc_ray.config import VALID_IMAGE_SIZES, ConfigError, ModelConfig
 from aigc_ray.models import build_discriminator, build_generator
-from aigc_ray.train.steps import StepContext, gan_step, vae_step
+from aigc_ray.models.steps import StepContext, gan_step, vae_step
 
 
 @pytest.mark.parametrize("family", ["dcgan", "wgan-gp", "seed-recipe", "vae", "ae"])

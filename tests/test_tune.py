@@ -42,7 +42,7 @@ def _spec(**changes) -> dict:
     ({"space": {"train.lr_g": {"normal": [0, 1]}}}, "space.train.lr_g"),
     ({"space": {"train.batch_size": {"choice": ["big"]}}}, "space.train.batch_size"),
     ({"space": {"train.lr": {"choice": [1e-4]}}}, "train.lr"),
-    ({"space": {"train.gp_weight": {"uniform": [1, 10]}}}, "space.train.gp_weight"),  # not a WGAN-GP
+    ({"space": {"model.options.gp_weight": {"uniform": [1, 10]}}}, "space.model.options.gp_weight"),  # not a WGAN-GP
     ({"space": {"train.epochs": {"choice": [1, 2]}}}, "space.train.epochs"),
     ({"metric": "kl"}, "metric='kl'"),  # a VAE metric for a DCGAN
     ({"mode": "lowest"}, "mode"),
@@ -62,9 +62,10 @@ def test_vae_metric_check_and_cli_rejects_before_starting(tmp_path, capsys):
     with pytest.raises(ConfigError, match="loss_g.*not reported by model family 'vae'"):
         spec_from_dict(_spec(base="vae-digits", metric="loss_g"))
     path = tmp_path / "bad.yaml"
-    path.write_text(yaml.safe_dump(_spec(space={"model.beta": {"uniform": [0.5, 2.0]}})))
+    path.write_text(yaml.safe_dump(_spec(space={"model.options.beta": {"uniform": [0.5, 2.0]}})))
     assert main(["tune", "--spec", str(path), "--out", str(tmp_path / "out")]) == 2
-    assert "space.model.beta has no effect on model family 'dcgan'" in capsys.readouterr().err
+    assert "space.model.options.beta: model.options.beta means nothing for model family 'dcgan'; families that take it: vae" \
+        in capsys.readouterr().err
     assert not (tmp_path / "out").exists()  # nothing started
 
 

@@ -14,6 +14,7 @@ No Ray here: the CLI, the Train validation task and benchmarks all call evaluate
 
 from __future__ import annotations
 
+import json
 import math
 import time
 import warnings
@@ -24,7 +25,7 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.kid import KernelInceptionDistance
 
 from aigc_ray import storage
-from aigc_ray.config import ExperimentConfig, ModelConfig
+from aigc_ray.config import ExperimentConfig
 from aigc_ray.data.pipeline import ensure_prepared, load_split
 from aigc_ray.data.prepare import MANIFEST, read_manifest
 from aigc_ray.eval.featnet import FeatureNet, load_or_train
@@ -123,7 +124,7 @@ def _pick(images: torch.Tensor, n: int, seed: int) -> torch.Tensor:
 
 
 def _sample(pipe: GeneratorPipeline, n: int, seed: int, held_out: torch.Tensor) -> torch.Tensor:
-    if pipe.family == "ae":  # no prior to sample: score reconstructions of held-out images
+    if not pipe.can_generate:  # no prior to sample (a plain autoencoder): score reconstructions of held-out images
         return torch.cat([pipe.reconstruct(b) for b in held_out.split(512)])
     z = torch.randn(n, pipe.latent_dim, generator=torch.Generator().manual_seed(seed)).to(pipe.device)
     labels = (torch.arange(n, device=pipe.device) % pipe.num_classes) if pipe.num_classes else None
@@ -154,10 +155,10 @@ def score_checkpoint(checkpoint_dir: str, num_samples: int | None = None, seed: 
     if key not in _cache:
         _cache[key] = domain_metrics(net, reference, held_out, seed)
     floor = _cache[key]
-    key = ("ceiling", manifest["content_hash"], n, seed, tuple(sorted(meta["model"].items())))
+    key = ("ceiling", manifest["content_hash"], n, seed, json.dumps(meta["model"], sort_keys=True))
     if key not in _cache:
         torch.manual_seed(seed)
-        untrained = build_generator(ModelConfig(**meta["model"])).eval()
+        untrained = build_generator(ExperimentConfig.from_dict(meta["experiment"]).model).eval()
         _cache[key] = domain_metrics(net, reference, _sample(GeneratorPipeline(untrained, meta, "untrained"),
                                                              n, seed, held_out), seed)
     ceiling = _cache[key]
@@ -170,8 +171,8 @@ def score_checkpoint(checkpoint_dir: str, num_samples: int | None = None, seed: 
         notes.append(f"num_samples {requested} capped at {n}: the smaller of the train and test splits")
     if info["kind"] != "classifier":
         notes.append("dataset has no class labels: features from an autoencoder; no inception score or mode coverage")
-    if pipe.family == "ae":
-        notes.append("plain autoencoder: scored on reconstructions of held-out test images")
+    if not pipe.can_generate:
+        notes.append(f"{pipe.family} cannot generate: scored on reconstructions of held-out test images")
     return {
         "format": CARD_FORMAT, "model_version": pipe.version, "family": pipe.family,
         "step": meta["step"], "epoch": meta["epoch"],

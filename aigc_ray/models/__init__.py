@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from torch import nn
 
-# each import registers its family; the order is the order `--help` lists them in
-from aigc_ray.models import dcgan, sngan, wgan_gp, vae, ae, seed_recipe  # noqa: F401, I001
+# each import registers its family
+from aigc_ray.models import ae, dcgan, seed_recipe, sngan, vae, wgan_gp  # noqa: F401, I001
 from aigc_ray.models.registry import Capabilities, ModelFamily, TrainNets, family_names, get_family, register
 
 __all__ = ["Capabilities", "ModelFamily", "TrainNets", "build_discriminator", "build_generator", "family_names",

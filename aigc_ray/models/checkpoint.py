@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from aigc_ray.config import ExperimentConfig, ModelConfig
+from aigc_ray.config import ExperimentConfig
 from aigc_ray.models import build_generator
 
 FORMAT = "aigc-ray-checkpoint/1"
@@ -68,7 +68,7 @@ def load_generator(directory: str | Path, device: str | torch.device = "cpu") ->
     weights = Path(directory) / WEIGHTS
     if not weights.is_file():
         raise CheckpointError(f"{directory} has no {WEIGHTS}")
-    model = build_generator(ModelConfig(**meta["model"]))
+    model = build_generator(ExperimentConfig.from_dict(meta["experiment"]).model)
     model.load_state_dict(load_file(str(weights), device="cpu"))
     return model.to(device).eval(), meta
 

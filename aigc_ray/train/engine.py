@@ -25,8 +25,8 @@ from torch.optim.swa_utils import AveragedModel
 
 from aigc_ray.config import ExperimentConfig, TrainConfig
 from aigc_ray.data.augment import augment_batch
-from aigc_ray.models import build_discriminator, build_generator
-from aigc_ray.train.steps import StepContext, gan_step, vae_step, wgan_gp_step
+from aigc_ray.models import TrainNets
+from aigc_ray.models.steps import StepContext
 
 GRAPH_WARMUP_STEPS = 3  # eager steps (on a side stream) before a step shape is captured
 
@@ -113,16 +113,17 @@ class Engine:
         t, m = cfg.train, cfg.model
         fp = self.fast_path = resolve_fast_path(t, device)
         fmt = torch.channels_last if fp.channels_last else torch.contiguous_format
+        self.family = m.family_spec
         torch.manual_seed(t.seed)  # identical initial weights on every worker
-        G, D = build_generator(m).to(device, memory_format=fmt), build_discriminator(m)
-        self.G = wrap(G)
+        G, D = self.family.build(m)
+        self.G = wrap(G.to(device, memory_format=fmt))
         self.D = wrap(D.to(device, memory_format=fmt)) if D is not None else None
         if fp.cuda_graphs and isinstance(self.G, DistributedDataParallel):
             fp.cuda_graphs = False
             fp.notes.append("no CUDA graphs under DDP (more than one worker)")
         if fp.compile:
             self.G = torch.compile(self.G, dynamic=False)
-            if self.D is not None and m.family != "wgan-gp":  # the critic's penalty needs double backward
+            if self.D is not None and not self.family.needs_double_backward(m):  # a penalty's double backward
                 self.D = torch.compile(self.D, dynamic=False)
         if device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # static shapes: pick the fastest conv algorithms once
@@ -160,7 +161,7 @@ class Engine:
             real = real.contiguous(memory_format=torch.channels_last)
         cond = labels if m.num_classes else None
         self.step += 1
-        update_g = self.step % t.critic_steps == 0 or not m.is_gan
+        update_g = self.step % t.critic_steps == 0 or self.D is None
         if self.fast_path.cuda_graphs:
             out = self._graphed_step(real, cond, update_g)
         else:
@@ -172,13 +173,8 @@ class Engine:
         return out
 
     def _step(self, real: torch.Tensor, cond: torch.Tensor | None, update_g: bool) -> dict[str, torch.Tensor]:
-        m, t = self.cfg.model, self.cfg.train
-        if m.family in ("dcgan", "seed-recipe"):
-            return gan_step(self.G, self.D, self.opt_g, self.opt_d, real, cond, m.latent_dim, self.ctx, update_g)
-        if m.family == "wgan-gp":
-            return wgan_gp_step(self.G, self.D, self.opt_g, self.opt_d, real, cond, m.latent_dim, self.ctx,
-                                t.gp_weight, update_g)
-        return vae_step(self.G, self.opt_g, real, self.ctx, m.beta, m.recon_loss, m.family == "vae")
+        nets = TrainNets(self.G, self.D, self.opt_g, self.opt_d, self.cfg.model, self.cfg.train)
+        return self.family.train_step(nets, real, cond, self.ctx, update_g)
 
     def _update_ema(self) -> None:
         """AveragedModel.update_parameters, minus its device syncs: the count is read on the host."""
@@ -272,14 +268,16 @@ class Engine:
         opt.load_state_dict(state)
 
     @torch.no_grad()
-    def sample(self, z: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
-        """Images in [-1, 1] from the served generator, in eval mode."""
+    def sample_grid(self, z: torch.Tensor, labels: torch.Tensor | None, real: torch.Tensor | None) -> torch.Tensor:
+        """The epoch's sample grid in [-1, 1], from the served module in eval mode: samples of the
+        fixed latents z (N, latent_dim), or, for a family that cannot generate (a plain
+        autoencoder), reconstructions of ``real`` (fixed training images (N, C, S, S) in [-1, 1])."""
         model = self.served_module()
         was_training = model.training
         model.eval()
         try:
-            if self.cfg.model.family in ("vae", "ae"):
-                return model.decode(z) if self.cfg.model.family == "vae" else model.decode(model.encode(z)[0])
-            return model(z, labels if self.cfg.model.num_classes else None)
+            if self.family.capabilities.generate:
+                return self.family.sample(model, z, labels if self.cfg.model.num_classes else None)
+            return self.family.reconstruct(model, real)
         finally:
             model.train(was_training)

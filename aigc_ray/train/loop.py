@@ -58,8 +58,17 @@ class ShardBatches:
         self.shard, self.batch_size, self.device, self.seed = shard, batch_size, device, seed
         self.cache_limit = cache_limit_mb * 2**20
         self.cached: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.first_images: torch.Tensor | None = None  # uint8 (<= GRID_SIDE^2, C, S, S): the first seen
 
     def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for images, labels in self._epoch(epoch):
+            if self.first_images is None or len(self.first_images) < GRID_SIDE * GRID_SIDE:
+                # kept for the sample grid of a family that reconstructs rather than samples
+                seen = images if self.first_images is None else torch.cat([self.first_images, images])
+                self.first_images = seen[:GRID_SIDE * GRID_SIDE].clone()
+            yield images, labels
+
+    def _epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if self.cached is not None:
             images, labels = self.cached
             perm = torch.randperm(len(images), generator=torch.Generator().manual_seed(self.seed + epoch))
@@ -233,15 +242,10 @@ def _means(sums: dict[str, torch.Tensor | float], count: int) -> dict[str, float
 
 
 def _grid_images(engine: Engine, cfg: ExperimentConfig, z, labels, batches: ShardBatches) -> torch.Tensor:
-    if cfg.model.family == "ae" and batches.cached is not None:
-        # a plain autoencoder has no prior: show reconstructions of fixed training images
-        real = batches.cached[0][: GRID_SIDE * GRID_SIDE].float() / 127.5 - 1
-        model = engine.served_module().eval()
-        with torch.no_grad():
-            out = model.decode(model.encode(real)[0])
-        engine.served_module().train()
-        return out
-    return engine.sample(z, labels)
+    """Samples of the fixed latents, or (a family that cannot generate) reconstructions of the
+    first training images this worker saw."""
+    real = None if batches.first_images is None else batches.first_images.float() / 127.5 - 1
+    return engine.sample_grid(z, labels, real)
 
 
 def _write_epoch_artifacts(run_dir, history, engine, cfg, z, labels, batches, epoch: int, last: bool) -> None:

@@ -22,29 +22,14 @@ from aigc_ray.config import ConfigError, ExperimentConfig, load_config
 DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform", "randint")
 SCHEDULERS = ("asha", "pbt", "fifo")
 SEARCH_ALGS = ("random", "grid", "optuna")
-# Metrics each family's training loop reports per epoch (train/steps.py and train/loop.py) ...
-TRAIN_METRICS = {
-    "dcgan": {"loss_d", "loss_g", "d_real", "d_fake"},
-    "seed-recipe": {"loss_d", "loss_g", "d_real", "d_fake"},
-    "wgan-gp": {"loss_d", "loss_g", "d_real", "d_fake", "gp"},
-    "vae": {"loss", "recon", "kl"},
-    "ae": {"loss", "recon", "kl"},
-}
-# ... and what the domain-FID evaluation (aigc_ray.eval) adds on evaluated epochs, for every
-# family (a plain autoencoder is scored on its reconstructions).
+# What the domain-FID evaluation (aigc_ray.eval) adds on evaluated epochs, for every family (one
+# that cannot generate is scored on its reconstructions). A family's own per-step metrics, the
+# settings that mean something for it and those PBT may mutate come from its registered object.
 EVAL_METRICS = {"fid", "kid", "fid_floor", "fid_ratio", "kid_ratio"}
-EVAL_FAMILIES = ("dcgan", "seed-recipe", "wgan-gp", "vae", "ae")
-# Keys that only mean something for some families: sweeping them elsewhere is a spec error.
-FAMILY_KEYS = {
-    "train.lr_d": ("dcgan", "seed-recipe", "wgan-gp"),
-    "train.critic_steps": ("dcgan", "seed-recipe", "wgan-gp"),
-    "train.gp_weight": ("wgan-gp",),
-    "model.beta": ("vae",),
-    "model.recon_loss": ("vae", "ae"),
-}
-# PBT clones weights between trials, so it may only mutate what leaves the weights' shapes alone.
+# PBT clones weights between trials, so it may only mutate what leaves the weights' shapes alone
+# (plus each family's pbt_mutable_options, as model.options.<name>).
 PBT_MUTABLE_PREFIXES = ("train.lr_g", "train.lr_d", "train.beta1", "train.beta2", "train.critic_steps",
-                        "train.gp_weight", "train.batch_size", "train.ema_decay", "model.beta", "data.random_crop",
+                        "train.batch_size", "train.ema_decay", "data.random_crop",
                         "data.rotation_degrees", "data.scale_range", "data.horizontal_flip")
 # Set by the sweep itself (one value per trial or per sweep), never searched.
 RESERVED_KEYS = {"train.epochs", "train.name", "train.out", "train.storage_path", "train.workers",
@@ -224,7 +209,7 @@ class SweepSpec:
             cfg = cfg.with_overrides(self.fixed_overrides())
         except ConfigError as err:
             raise ConfigError(f"overrides: {err}") from None
-        family = cfg.model.family
+        family = cfg.model.family_spec
         self._check_metric(family)
         seen = set()
         for dim in self.space:
@@ -232,13 +217,12 @@ class SweepSpec:
             seen.add(dim.key)
             _check(dim.key not in RESERVED_KEYS,
                    f"space.{dim.key} is set by the sweep itself (epochs/resources/model family/image size), not searched")
-            families = FAMILY_KEYS.get(dim.key)
-            _check(families is None or family in families,
-                   f"space.{dim.key} has no effect on model family {family!r} (only {', '.join(families or ())})")
             for value in dim.representatives():
                 try:
                     cfg.with_overrides({dim.key: value})
                 except ConfigError as err:
+                    if "means nothing for model family" in str(err):  # the key itself, not the value
+                        raise ConfigError(f"space.{dim.key}: {err}") from None
                     raise ConfigError(f"space.{dim.key}: value {value!r} is not valid: {err}") from None
         if self.search_alg == "grid":
             bad = [d.key for d in self.space if d.kind not in ("grid", "choice")]
@@ -247,26 +231,26 @@ class SweepSpec:
             bad = [d.key for d in self.space if d.kind == "grid"]
             _check(not bad, f"search_alg=optuna can't take grid dimensions: space.{', space.'.join(bad)}")
         if self.scheduler.type == "pbt":
-            self._check_pbt()
+            self._check_pbt(family)
         return cfg
 
-    def _check_metric(self, family: str) -> None:
-        reported = TRAIN_METRICS[family] | (EVAL_METRICS if family in EVAL_FAMILIES else set())
+    def _check_metric(self, family) -> None:
+        reported = family.train_metrics | EVAL_METRICS
         _check(self.metric in reported,
-               f"metric={self.metric!r} is not reported by model family {family!r}; it reports {sorted(reported)}")
+               f"metric={self.metric!r} is not reported by model family {family.name!r}; it reports {sorted(reported)}")
         if self.uses_eval:
             from aigc_ray.tuning import evaluation
 
             missing = evaluation.unavailable()
             _check(not missing, f"metric={self.metric!r} needs the domain-FID evaluation: {missing}")
 
-    def _check_pbt(self) -> None:
+    def _check_pbt(self, family) -> None:
+        mutable = PBT_MUTABLE_PREFIXES + tuple(f"model.options.{o}" for o in sorted(family.pbt_mutable_options))
         keys = {d.key for d in self.space}
         for key in self.scheduler.mutations:
             _check(key in keys, f"scheduler.mutations: {key!r} is not a space key")
         for key in self.mutated_keys():
-            _check(key in PBT_MUTABLE_PREFIXES,
-                   f"space.{key}: PBT can't mutate it (cloned weights would not fit); mutable: {PBT_MUTABLE_PREFIXES}")
+            _check(key in mutable, f"space.{key}: PBT can't mutate it (cloned weights would not fit); mutable: {mutable}")
         _check(self.mutated_keys(), "scheduler.type=pbt needs at least one mutable space key")
         _check(self.search_alg == "random", "scheduler.type=pbt draws its own configurations: use search_alg=random")
         interval = self.scheduler.perturbation_interval
