@@ -5,7 +5,7 @@ Each variant is a shipped config plus dotted overrides; it trains for --steps ge
 (or --seconds of wall clock, whichever comes first), is scored --evals times on EMA weights
 (1,000 samples by default, the same protocol as aigc_ray.eval.quality: N generated vs N train
 images, floor = N test vs N train), and its best score is kept. Writes one JSON line per variant
-to --out and the fixed-noise 8x8 grid of its best evaluation to bench/results/screen/<name>.png.
+to --out and the fixed-noise 8x8 grid of its best evaluation to bench/results/screen-<name>.png.
 
     python bench/recipe_screen.py --config dcgan-digits --steps 1300 \\
         base='{}' noaug='{"model.options.diffaugment": ""}'
@@ -124,9 +124,8 @@ def run_variant(name: str, base: str, overrides: dict, steps: int, seconds: floa
                     done = True
                     break
     best = min(history, key=lambda h: h["fid"])
-    grid_dir = RESULTS / "screen"
-    grid_dir.mkdir(parents=True, exist_ok=True)
-    (grid_dir / f"{name}.png").write_bytes(best.pop("grid"))
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"screen-{name}.png").write_bytes(best.pop("grid"))
     for h in history:
         h.pop("grid", None)
     return {"name": name, "config": base, "overrides": overrides, "steps": g_steps, "train_s": round(train_s, 1),
