@@ -64,7 +64,7 @@ def test_vae_metric_check_and_cli_rejects_before_starting(tmp_path, capsys):
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(_spec(space={"model.options.beta": {"uniform": [0.5, 2.0]}})))
     assert main(["tune", "--spec", str(path), "--out", str(tmp_path / "out")]) == 2
-    assert "space.model.options.beta: model.options.beta means nothing for model family 'dcgan'; families that take it: vae" \
+    assert "space.model.options.beta: model.options.beta means nothing for model family 'sngan'; families that take it: vae" \
         in capsys.readouterr().err
     assert not (tmp_path / "out").exists()  # nothing started
 
