@@ -10,8 +10,10 @@ evaluation every epoch (in the background, the default, and in the foreground), 
 checkpoint every epoch, and with evaluation off, and compares steady-state images/s (target:
 <= 10% drop); `--models '' --throughput` measures only that. Prints a table and writes bench/results/quality.json (or --out).
 
-Targets (issue 3): default DCGAN fid/floor <= 1.5 on digits and shapes, VAE <= 3, both better
-than the seed recipe.
+Models: seed-recipe, dcgan (the old default: dcgan family, no DiffAugment), default (the shipped
+dcgan-<dataset> config: the sngan recipe), wgan-gp, vae.
+Targets (issue 11): default fid/floor <= 1.5 on digits, <= 5 on shapes with class coverage 1.0,
+VAE <= 3, each better than the seed recipe.
 """
 
 from __future__ import annotations
@@ -31,7 +33,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from aigc_ray.config import load_config  # noqa: E402
 from aigc_ray.eval import evaluate_checkpoint  # noqa: E402
 
-CONFIGS = {"seed-recipe": "seed-recipe", "dcgan": "dcgan-{d}", "wgan-gp": "wgan-gp-digits", "vae": "vae-digits"}
+CONFIGS = {"seed-recipe": "seed-recipe", "default": "dcgan-{d}", "dcgan": "dcgan-{d}", "wgan-gp": "wgan-gp-digits",
+           "vae": "vae-digits"}
+# "dcgan": the shipped dcgan-<dataset> config as it was before it moved to the sngan recipe (the
+# old default): the dcgan family, no DiffAugment, Adam 2e-4 / 2e-4, betas 0.5 / 0.999
+OLD_DEFAULT = {"model.family": "dcgan", "model.options.diffaugment": "", "train.lr_g": 2e-4, "train.lr_d": 2e-4,
+               "train.beta1": 0.5, "train.beta2": 0.999}
 SHAPES_DATA = {"data.dataset": "shapes", "data.image_size": 32, "data.channels": 3, "data.rotation_degrees": 0.0,
                "data.horizontal_flip": True, "model.image_size": 32, "model.channels": 3}
 REPORTED = ("fid", "fid_floor", "fid_ratio", "kid", "kid_floor", "precision", "recall", "inception_score",
@@ -40,6 +47,8 @@ REPORTED = ("fid", "fid_floor", "fid_ratio", "kid", "kid_floor", "precision", "r
 
 def experiment(model: str, dataset: str, steps: int, num_samples: int, root: str, name: str):
     cfg = load_config(CONFIGS[model].format(d=dataset))
+    if model == "dcgan":
+        cfg = cfg.with_overrides(OLD_DEFAULT)
     overrides = {"train.max_steps": steps, "train.epochs": 10**6, "train.out": root, "train.name": name,
                  "eval.num_samples": num_samples, "train.checkpoint_every": 10**9, "train.sample_every": 10**6}
     if dataset == "shapes" and cfg.data.dataset != "shapes":
@@ -105,7 +114,7 @@ def main() -> int:
     ap.add_argument("--steps", type=int, help="generator steps per model (default 3000; --quick 400)")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--datasets", help="comma-separated: digits,shapes (default both; --quick: digits)")
-    ap.add_argument("--models", default="seed-recipe,dcgan,wgan-gp,vae",
+    ap.add_argument("--models", default="seed-recipe,dcgan,default,wgan-gp,vae",
                     help="comma-separated; empty ('') with --throughput measures only the throughput")
     ap.add_argument("--num-samples", type=int, help="images per evaluation (default 1000; --quick 500)")
     ap.add_argument("--throughput", action="store_true", help="also measure images/s with eval on vs off")
