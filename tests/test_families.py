@@ -37,7 +37,7 @@ def test_family_trains_samples_generates_and_serves(ray_session, tmp_path, data_
     grids = sorted((tmp_path / "runs" / "fam" / "samples").glob("epoch_*.png"))
     assert grids, "no sample grid written"
     grid = Image.open(grids[-1])
-    assert grid.size[0] > 8 * 8 and len(set(grid.convert("L").getdata())) > 2  # a grid, not a blank
+    assert grid.size == (8 * 8 + 9 * 2,) * 2 and len(set(grid.convert("L").getdata())) > 1  # 8x8 cells, not bare padding
 
     pipe = GeneratorPipeline.from_checkpoint(outcome.checkpoint)
     labels = [3, 4] if num_classes else None
