@@ -340,6 +340,7 @@ def build_trainer(cfg: ExperimentConfig, *, callbacks=(), validation_config=None
 
 
 def run_training(cfg: ExperimentConfig, *, address: str | None = None) -> TrainingOutcome:
+    ensure_prepared(cfg.data, cfg.train.seed)  # a bad dataset fails here, before Ray starts
     init_ray(address, cfg.train.workers)
     trainer, run_dir = build_trainer(cfg)
     result = trainer.fit()
