@@ -12,11 +12,12 @@ from pathlib import Path
 
 import numpy as np
 
+from aigc_ray.config import MAX_NUM_CLASSES as MAX_CLASSES  # labels beyond it are refused
+
 BUILTIN = ("digits", "shapes")
 TORCHVISION = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST", "cifar10": "CIFAR10"}
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 SHAPE_CLASSES = ("circle", "square", "triangle", "cross")
-MAX_CLASSES = 10_000  # labels beyond this are refused (model.num_classes has the same cap)
 
 
 class SourceError(ValueError):
