@@ -1,9 +1,9 @@
 """Dependency floors admit no release with a known CVE on our paths, and CI installs one pinned
 stack (requirements.lock) that satisfies them."""
 
-import tomllib
 from pathlib import Path
 
+import tomllib
 from packaging.requirements import Requirement
 from packaging.version import Version
 
