@@ -132,7 +132,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.num_samples is not None and args.num_samples < 10:
         raise ValueError("--num-samples must be >= 10")
     result = evaluate_checkpoint(args.checkpoint, num_samples=args.num_samples, seed=args.seed,
-                                 write_card=not args.no_card)
+                                 write_card=not args.no_card, dataset=args.dataset, data_root=args.data_root)
     card = result["card"]
     print(json.dumps(card, indent=2) if args.json else format_table(card))
     if not args.no_card:
@@ -204,6 +204,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-samples", type=int, help="images compared (default: the checkpoint's eval.num_samples); "
                                                    "capped at the dataset's smaller split")
     p.add_argument("--seed", type=int, default=0, help="seed of the latents and of the real images drawn")
+    p.add_argument("--dataset", help="the prepared dataset the checkpoint was trained on (a directory written by "
+                                     "`aigc-ray prepare`); default: found by its content hash under --data-root")
+    p.add_argument("--data-root", help="whose prepared/ cache to search (default: ~/.cache/aigc-ray); the data "
+                                       "settings a checkpoint carries are never used to read or write data")
     p.add_argument("--json", action="store_true", help="print the whole card as JSON instead of the table")
     p.add_argument("--no-card", action="store_true", help="don't write card.json")
     p.set_defaults(func=cmd_eval)

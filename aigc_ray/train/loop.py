@@ -176,7 +176,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 # scheduler then decides on this epoch's FID before the next epoch trains
                 from aigc_ray.eval.quality import flat_metrics, score_checkpoint
 
-                card = score_checkpoint(tmp, cfg.eval.num_samples, cfg.eval.seed)
+                card = score_checkpoint(tmp, cfg.eval.num_samples, cfg.eval.seed, own_checkpoint=True)
                 Path(tmp, "card.json").write_text(json.dumps(card, indent=2))
                 metrics = metrics | flat_metrics(card)
                 record_eval(run_dir, card, flat_metrics(card), f"epoch {epoch}")
@@ -362,6 +362,7 @@ def build_trainer(cfg: ExperimentConfig, *, callbacks=(), validation_config=None
 
 
 def run_training(cfg: ExperimentConfig, *, address: str | None = None) -> TrainingOutcome:
+    ensure_prepared(cfg.data, cfg.train.seed)  # a bad dataset fails here, before Ray starts
     init_ray(address, cfg.train.workers)
     trainer, run_dir = build_trainer(cfg)
     result = trainer.fit()
