@@ -139,6 +139,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from aigc_ray.export import export_checkpoint
+
+    meta = export_checkpoint(args.checkpoint, args.format, args.out, args.graph)
+    print(f"exported {meta['family']} {meta['graph']} graph of {meta['model_version']} as {args.format}"
+          + (f" (opset {meta['opset']})" if "opset" in meta else ""), file=sys.stderr)
+    print(args.out)
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from aigc_ray.serving.app import run_until_interrupted
 
@@ -223,6 +233,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     p.add_argument("--dry-run", action="store_true", help="print the validated spec and exit")
     p.set_defaults(func=cmd_tune)
+
+    p = sub.add_parser("export", help="export a checkpoint to ONNX or TorchScript for offline, embedded generation",
+                       description="Trace the checkpoint's graph through the same pipeline Serve uses and write it "
+                                   "as ONNX (opset 17, for onnxruntime) or TorchScript, with a free batch dimension. "
+                                   "generate: z float32 (N, latent_dim) [+ labels int64 (N,)] -> uint8 (N, C, S, S); "
+                                   "encode: uint8 images -> the encoder's mean; reconstruct: uint8 -> uint8 (vae, "
+                                   "ae). The file carries the model version, family, sizes, class count, latent "
+                                   "rule and quality card (ONNX metadata_props; TorchScript extra file "
+                                   "aigc_ray.json). examples/offline_generate.py turns seeds into labelled PNGs "
+                                   "with only onnxruntime, numpy and Pillow.")
+    p.add_argument("--checkpoint", required=True, help="checkpoint directory (or s3:// / gs:// URI)")
+    p.add_argument("--format", required=True, choices=("onnx", "torchscript"))
+    p.add_argument("--graph", default="generate", choices=("generate", "encode", "reconstruct"),
+                   help="which computation to export (default: generate)")
+    p.add_argument("--out", required=True, help="output file, e.g. model.onnx or model.pt")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("serve", help="serve checkpoints over HTTP and gRPC with Ray Serve (until Ctrl-C)",
                        description="Deploy one autoscaled, batching model deployment per checkpoint behind HTTP "
