@@ -7,6 +7,7 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from test_export import make_checkpoint
 
 from aigc_ray.cli import main as cli_main
 from aigc_ray.promotion import (
@@ -16,7 +17,6 @@ from aigc_ray.promotion import (
     side_by_side,
     sweep_candidate,
 )
-from tests.test_export import make_checkpoint
 
 HASH = "8d80d48128cf3bdaf72d32aff8490588664ef39cc8b1e11d2979246890cae813"
 
@@ -142,3 +142,26 @@ def test_cli_promote_reads_the_served_card_over_http(tmp_path, capsys):
         server.server_close()
     assert cli_main(["promote", "--model", "digits", "--checkpoint", better, "--url", url]) == 2
     assert "can't read" in capsys.readouterr().err
+
+
+
+def test_cli_promote_rescores_a_candidate_measured_with_another_count_and_seed(tmp_path, data_root, capsys):
+    """Real prepared digits and feature net: the candidate's card (100 samples, seed 3) is re-measured on
+    the served card's protocol (64 samples, seed 0) before the comparison."""
+    from test_eval import _prepared, _untrained_checkpoint
+
+    from aigc_ray.data.prepare import read_manifest
+    from aigc_ray.models.checkpoint import read_card, write_card
+
+    cfg, prepared = _prepared(tmp_path, data_root)
+    content_hash = read_manifest(prepared)["content_hash"]
+    served, _ = _checkpoint(tmp_path, "served", 1e6, content_hash=content_hash)  # any real FID beats it
+    candidate = _untrained_checkpoint(tmp_path / "candidate", cfg, prepared)
+    write_card(candidate, card(1.0, "candidate", content_hash=content_hash, num_samples=100, seed=3))
+    code = cli_main(["promote", "--model", "digits", "--checkpoint", candidate, "--served", served])
+    captured = capsys.readouterr()
+    assert "re-scoring" in captured.err and "num_samples: served 64 vs candidate 100" in captured.err
+    rescored = captured.out.split("candidate:")[-1]
+    assert "64 samples of digits" in rescored and "seed 0" in rescored
+    assert code == 0 and "PROMOTE" in captured.out
+    assert read_card(candidate)["protocol"]["num_samples"] == 100  # the re-score is not written over its card
