@@ -12,7 +12,7 @@ Graphs (the batch dimension, named "batch", is free in both formats):
 z comes from aigc_ray.latents (rule `aigc-latents/1`, named in the metadata), so seeds map to
 the same images offline as on the server. Metadata (ONNX metadata_props; the TorchScript
 archive's extra file `aigc_ray.json`) carries the model version, family, sizes, class count,
-graph, opset and the checkpoint's quality card as JSON.
+graph, opset and the checkpoint's quality card as JSON (`{}` when the checkpoint has none).
 """
 
 from __future__ import annotations
