@@ -181,9 +181,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     options = {"checkpoints": args.checkpoint, "max_num_images": args.max_num_images,
                "min_replicas": args.min_replicas, "max_replicas": args.max_replicas,
-               "replica_gpus": args.replica_gpus}
+               "replica_gpus": args.replica_gpus, "api_token_file": args.api_token_file or ""}
     return run_until_interrupted(options, host=args.host, http_port=args.http_port, grpc_port=args.grpc_port,
-                                 address=args.address)
+                                 address=args.address, insecure=args.insecure)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -313,6 +313,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-num-images", type=int, default=64, help="most images per request")
     p.add_argument("--replica-gpus", type=float, default=0.0, help="GPUs per model replica (default 0: CPU)")
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--api-token-file", help="file holding the bearer token clients must send (default: the "
+                                            "AIGC_API_TOKEN environment variable; neither: no authentication)")
+    p.add_argument("--insecure", action="store_true",
+                   help="allow a non-loopback --host without a token (anyone who reaches the ports can call)")
     p.set_defaults(func=cmd_serve)
     return parser
 
