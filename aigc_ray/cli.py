@@ -132,7 +132,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.num_samples is not None and args.num_samples < 10:
         raise ValueError("--num-samples must be >= 10")
     result = evaluate_checkpoint(args.checkpoint, num_samples=args.num_samples, seed=args.seed,
-                                 write_card=not args.no_card)
+                                 write_card=not args.no_card, dataset=args.dataset, data_root=args.data_root)
     card = result["card"]
     print(json.dumps(card, indent=2) if args.json else format_table(card))
     if not args.no_card:
@@ -140,14 +140,50 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from aigc_ray.export import export_checkpoint
+
+    meta = export_checkpoint(args.checkpoint, args.format, args.out, args.graph)
+    print(f"exported {meta['family']} {meta['graph']} graph of {meta['model_version']} as {args.format}"
+          + (f" (opset {meta['opset']})" if "opset" in meta else ""), file=sys.stderr)
+    print(args.out)
+    return 0
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    from aigc_ray import promotion as pr
+
+    candidate = args.checkpoint or pr.sweep_candidate(args.sweep)
+    card, interface = pr.checkpoint_card(candidate)
+    if args.url:
+        current, served_interface = pr.served_card(args.url, args.model)
+    else:
+        current, served_interface = pr.checkpoint_card(args.served)
+    changed = pr.interface_differences(served_interface, interface)
+    if changed:
+        raise pr.PromotionError(f"candidate {candidate} can't replace {args.model}: its clients would see "
+                                + "; ".join(f"{f} {a} -> {b}" for f, a, b in changed))
+    try:
+        pr.check_comparable(current, card)
+    except pr.ProtocolMismatch as err:
+        if not err.rescorable or args.no_rescore:
+            raise
+        print(f"re-scoring {candidate} on the served card's protocol ({err})", file=sys.stderr)
+        card = pr.rescore_like(candidate, current)
+    verdict = pr.compare_cards(current, card, args.metric, args.min_gain)
+    print(pr.side_by_side(current, card))
+    print(f"\n{'PROMOTE' if verdict.promote else 'REFUSED'} {candidate} for {args.model}: {verdict.reason}")
+    return 0 if verdict.promote else 1
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from aigc_ray.serving.app import run_until_interrupted
 
     options = {"checkpoints": args.checkpoint, "max_num_images": args.max_num_images,
                "min_replicas": args.min_replicas, "max_replicas": args.max_replicas,
-               "replica_gpus": args.replica_gpus}
+               "replica_gpus": args.replica_gpus, "api_token_file": args.api_token_file or ""}
     return run_until_interrupted(options, host=args.host, http_port=args.http_port, grpc_port=args.grpc_port,
-                                 address=args.address)
+                                 address=args.address, insecure=args.insecure)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -204,6 +240,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-samples", type=int, help="images compared (default: the checkpoint's eval.num_samples); "
                                                    "capped at the dataset's smaller split")
     p.add_argument("--seed", type=int, default=0, help="seed of the latents and of the real images drawn")
+    p.add_argument("--dataset", help="the prepared dataset the checkpoint was trained on (a directory written by "
+                                     "`aigc-ray prepare`); default: found by its content hash under --data-root")
+    p.add_argument("--data-root", help="whose prepared/ cache to search (default: ~/.cache/aigc-ray); the data "
+                                       "settings a checkpoint carries are never used to read or write data")
     p.add_argument("--json", action="store_true", help="print the whole card as JSON instead of the table")
     p.add_argument("--no-card", action="store_true", help="don't write card.json")
     p.set_defaults(func=cmd_eval)
@@ -225,6 +265,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="print the validated spec and exit")
     p.set_defaults(func=cmd_tune)
 
+    p = sub.add_parser("export", help="export a checkpoint to ONNX or TorchScript for offline, embedded generation",
+                       description="Trace the checkpoint's graph through the same pipeline Serve uses and write it "
+                                   "as ONNX (opset 17, for onnxruntime) or TorchScript, with a free batch dimension. "
+                                   "generate: z float32 (N, latent_dim) [+ labels int64 (N,)] -> uint8 (N, C, S, S); "
+                                   "encode: uint8 images -> the encoder's mean; reconstruct: uint8 -> uint8 (vae, "
+                                   "ae). The file carries the model version, family, sizes, class count, latent "
+                                   "rule and quality card (ONNX metadata_props; TorchScript extra file "
+                                   "aigc_ray.json). examples/offline_generate.py turns seeds into labelled PNGs "
+                                   "with only onnxruntime, numpy and Pillow.")
+    p.add_argument("--checkpoint", required=True, help="checkpoint directory (or s3:// / gs:// URI)")
+    p.add_argument("--format", required=True, choices=("onnx", "torchscript"))
+    p.add_argument("--graph", default="generate", choices=("generate", "encode", "reconstruct"),
+                   help="which computation to export (default: generate)")
+    p.add_argument("--out", required=True, help="output file, e.g. model.onnx or model.pt")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("promote", help="quality gate: does a candidate checkpoint beat the served model's card?",
+                       description="Compare the candidate's quality card with the served model's on the same "
+                                   "protocol (dataset content hash, sample count, seed; the candidate is re-scored "
+                                   "when only the count or seed differ) and print both side by side. Exit 0: the "
+                                   "candidate is better by at least --min-gain (relative, on --metric); 1: refused; "
+                                   "2: the cards can't be compared (e.g. another dataset). Nothing is swapped here.")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", help="candidate checkpoint directory (or s3:// / gs:// URI)")
+    src.add_argument("--sweep", help="a sweep's --out directory: its exported best checkpoint is the candidate")
+    p.add_argument("--model", required=True, help="served model name (GET /v1/models)")
+    cur = p.add_mutually_exclusive_group(required=True)
+    cur.add_argument("--url", help="a running server (http://127.0.0.1:8000): the served card from /v1/models")
+    cur.add_argument("--served", help="the checkpoint NAME serves now (its card.json)")
+    p.add_argument("--metric", default="fid", help="card metric to compare (default: fid, lower is better)")
+    p.add_argument("--min-gain", type=float, default=0.05, help="required relative improvement (default 0.05)")
+    p.add_argument("--no-rescore", action="store_true", help="refuse instead of re-scoring on another sample count/seed")
+    p.set_defaults(func=cmd_promote)
+
     p = sub.add_parser("serve", help="serve checkpoints over HTTP and gRPC with Ray Serve (until Ctrl-C)",
                        description="Deploy one autoscaled, batching model deployment per checkpoint behind HTTP "
                                    "(/v1/generate, /docs) and gRPC (aigc.v1.Generator, grpc.health.v1). The first "
@@ -239,6 +313,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-num-images", type=int, default=64, help="most images per request")
     p.add_argument("--replica-gpus", type=float, default=0.0, help="GPUs per model replica (default 0: CPU)")
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--api-token-file", help="file holding the bearer token clients must send (default: the "
+                                            "AIGC_API_TOKEN environment variable; neither: no authentication)")
+    p.add_argument("--insecure", action="store_true",
+                   help="allow a non-loopback --host without a token (anyone who reaches the ports can call)")
     p.set_defaults(func=cmd_serve)
     return parser
 

@@ -18,6 +18,7 @@ import yaml
 
 VALID_IMAGE_SIZES = (8, 16, 32, 64, 128)
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+MAX_LATENT_DIM, MAX_WIDTH, MAX_NUM_CLASSES = 4096, 1024, 10_000
 
 
 class ConfigError(ValueError):
@@ -103,9 +104,11 @@ class ModelConfig:
         _check(self.image_size in VALID_IMAGE_SIZES,
                f"model.image_size={self.image_size} can't be built; sizes that work: {VALID_IMAGE_SIZES}")
         _check(self.channels in (1, 3), f"model.channels={self.channels} must be 1 or 3")
-        _check(self.latent_dim > 0, "model.latent_dim must be positive")
-        _check(self.width > 0, "model.width must be positive")
-        _check(self.num_classes >= 0, "model.num_classes must be >= 0")
+        # upper caps: a checkpoint's config is read from a file anyone may have written, and
+        # these sizes decide what building the model allocates (see models/checkpoint.py)
+        _check(0 < self.latent_dim <= MAX_LATENT_DIM, f"model.latent_dim must be in 1..{MAX_LATENT_DIM}")
+        _check(0 < self.width <= MAX_WIDTH, f"model.width must be in 1..{MAX_WIDTH}")
+        _check(0 <= self.num_classes <= MAX_NUM_CLASSES, f"model.num_classes must be in 0..{MAX_NUM_CLASSES}")
         _check(self.num_classes == 0 or family.capabilities.conditional,
                f"model.num_classes: model family {self.family!r} is not class-conditional")
         if dataclasses.is_dataclass(self.options):  # a typed Options object (e.g. from asdict's input)

@@ -1,9 +1,9 @@
 """Inference pipeline: sample, interpolate and reconstruct from a checkpoint alone.
 
-Used by `aigc-ray generate`, eval and Serve. No Ray, no training code. Determinism: image
-i of a request with seed s is drawn from its own torch.Generator seeded with s + i, so an
-image depends only on (model version, its seed, its label), never on what it was batched
-with.
+Used by `aigc-ray generate`, eval, export and Serve. No Ray, no training code. Determinism:
+image i of a request with seed s has the latent row aigc_ray.latents gives seed s + i (a rule
+the offline ONNX generator shares), so an image depends only on (model version, its seed, its
+label), never on what it was batched with.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import torch
 from torchvision.io import encode_png
 from torchvision.utils import make_grid
 
+from aigc_ray.latents import seed_latents
 from aigc_ray.models import get_family
 from aigc_ray.models.checkpoint import load_generator, model_version
 
@@ -47,9 +48,8 @@ class GeneratorPipeline:
         return self.spec.capabilities.reconstruct
 
     def latents(self, seeds: list[int]) -> torch.Tensor:
-        """(N, latent_dim) standard-normal noise, row i drawn from seed seeds[i]."""
-        rows = [torch.randn(self.latent_dim, generator=torch.Generator().manual_seed(s)) for s in seeds]
-        return torch.stack(rows).to(self.device)
+        """(N, latent_dim) standard-normal noise, row i drawn from seed seeds[i] (aigc_ray.latents)."""
+        return torch.from_numpy(seed_latents(seeds, self.latent_dim)).to(self.device)
 
     def check_labels(self, labels: list[int] | None, count: int) -> torch.Tensor | None:
         if self.num_classes == 0:
@@ -90,14 +90,22 @@ class GeneratorPipeline:
     @torch.inference_mode()
     def reconstruct(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 (N, C, S, S) -> uint8 reconstructions through the encoder's mean."""
+        return to_uint8(self.spec.reconstruct(self.model, self._encoder_input(images, "reconstruct")))
+
+    @torch.inference_mode()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (N, C, S, S) -> the encoder's mean (N, latent_dim)."""
+        return self.spec.encode(self.model, self._encoder_input(images, "encode"))
+
+    def _encoder_input(self, images: torch.Tensor, what: str) -> torch.Tensor:
+        """uint8 (N, C, S, S), checked -> float in [-1, 1] on the model's device."""
         if not self.can_reconstruct:
-            raise PipelineError(f"model: {self.version} ({self.family}) has no encoder; it cannot reconstruct")
+            raise PipelineError(f"model: {self.version} ({self.family}) has no encoder; it cannot {what}")
         expected = (self.channels, self.image_size, self.image_size)
         if tuple(images.shape[1:]) != expected:
             raise PipelineError(f"image: expected {expected[0]}x{expected[1]}x{expected[2]} (CxHxW), "
                                 f"got {'x'.join(map(str, images.shape[1:]))}")
-        x = images.to(self.device, torch.float32) / 127.5 - 1
-        return to_uint8(self.spec.reconstruct(self.model, x))
+        return images.to(self.device, torch.float32) / 127.5 - 1
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:

@@ -53,6 +53,14 @@ def read_jsonl(path: str) -> list[dict]:
     return [json.loads(line) for line in read_bytes(path).decode().splitlines() if line.strip()]
 
 
+def parquet_schema(path: str):
+    """A Parquet file's Arrow schema, from its footer alone (no cell is read)."""
+    import pyarrow.parquet as pq
+
+    fs, p = _fs(path)
+    return pq.read_schema(p, filesystem=fs)
+
+
 def exists(path: str) -> bool:
     fs, p = _fs(path)
     return fs.get_file_info(p).type != pafs.FileType.NotFound

@@ -67,7 +67,8 @@ def run_one(cfg) -> dict:
     outcome = run_training(cfg)
     wall = time.perf_counter() - start
     best = outcome.best_metrics or {}
-    last = evaluate_checkpoint(outcome.latest, num_samples=cfg.eval.num_samples, seed=cfg.eval.seed, write_card=False)
+    last = evaluate_checkpoint(outcome.latest, num_samples=cfg.eval.num_samples, seed=cfg.eval.seed, write_card=False,
+                               own_checkpoint=True)
     history = [json.loads(line) for line in Path(outcome.run_dir, "metrics.jsonl").read_text().splitlines()]
     return {"config": cfg.to_dict(), "train_wall_s": round(wall, 1), "steps": history[-1]["step"] if history else None,
             "epochs": len(history), "best_epoch": best.get("epoch"),

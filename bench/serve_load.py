@@ -6,10 +6,15 @@ One checkpoint (default: a freshly initialised dcgan-digits generator, 16x16, wi
 not change the cost), one model replica, requests of --images-per-request images:
   (a) in-process GeneratorPipeline.generate on batches of `concurrency` images (the ceiling: no Serve),
   (b) Serve HTTP with @serve.batch (max_batch_images 64), (c) Serve HTTP without batching (max 1),
-  (d) Serve gRPC with batching;
+  (d) Serve gRPC with batching,
+  (p) the baseline: one plain uvicorn + FastAPI process with the model in it, the same JSON envelope
+      (base64 PNGs with their tEXt chunks), no batching, no Ray;
 at each concurrency: images/s, p50/p99 latency (ms), errors; ratios (b)/(c) and (d)/(b) at the highest
-concurrency and (b)/(a). Then the swap check: load at concurrency 16 while the checkpoint is swapped
-to a second one; expects zero failed requests and responses switching version.
+concurrency and (b)/(a), and Serve against the plain server at every concurrency (the issue's targets:
+HTTP >= 0.5x its requests/s at 8 and 64, p50 at concurrency 1 <= 3x).
+Then the swap check: load at concurrency 16 while the checkpoint is swapped to a second one; expects zero
+failed requests and responses switching version. --device cuda puts the model on the GPU in every mode
+(Serve: replica_gpus 1).
 Writes bench/results/serve_load.json. The load generator runs on the same machine (asyncio clients).
 """
 
@@ -41,6 +46,66 @@ def make_checkpoint(path: Path, seed: int, image_size: int = 16, channels: int =
     return str(path)
 
 
+def plain_server(checkpoint: str, port: int, device: str) -> None:
+    """The baseline: uvicorn + FastAPI, the model in this process, the envelope of /v1/generate."""
+    import base64
+
+    import torch
+    import uvicorn
+    from fastapi import FastAPI
+    from pydantic import BaseModel
+
+    from aigc_ray.pipeline import GeneratorPipeline, png_bytes
+    from aigc_ray.serving.model import png_text
+
+    torch.set_num_threads(1)
+    pipe = GeneratorPipeline.from_checkpoint(checkpoint, device)
+    app = FastAPI()
+
+    class Body(BaseModel):
+        num_images: int = 1
+        seed: int = 0
+
+    @app.post("/v1/generate")
+    def generate(body: Body):  # a plain def: FastAPI runs it in its thread pool, off the event loop
+        seeds = [body.seed + i for i in range(body.num_images)]
+        images = pipe.generate(seeds)
+        return {"model": "gen", "model_version": pipe.version, "seeds": seeds,
+                "images": [base64.b64encode(png_bytes(img, png_text(pipe.version, s))).decode()
+                           for img, s in zip(images, seeds)]}
+
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
+
+
+async def run_plain(args, ckpt: str, results: dict) -> None:
+    import subprocess
+
+    import httpx
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, __file__, "--plain-server", ckpt, str(port), "--device", args.device])
+    limits = httpx.Limits(max_connections=256, max_keepalive_connections=256)
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=60, limits=limits) as client:
+            for _ in range(300):  # up within 30 s, or say so
+                try:
+                    await client.post("/v1/generate", json={"num_images": 1})
+                    break
+                except httpx.TransportError:
+                    await asyncio.sleep(0.1)
+            else:
+                raise RuntimeError("plain server did not start in 30 s")
+            await load(http_sender(client), 4, 1.0, args.images_per_request)  # warm-up
+            for c in args.concurrency:
+                results["p_plain_http"][str(c)] = r = await load(http_sender(client), c, args.duration,
+                                                                 args.images_per_request)
+                print(f"{'p_plain_http':18s} c={c:<3d} {r['images_per_s']:8.1f} img/s  p50 {r['p50_ms']:8.1f} ms  "
+                      f"p99 {r['p99_ms']:8.1f} ms  errors {r['errors']}", flush=True)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
 def summarize(latencies: list[float], images: int, errors: int, seconds: float) -> dict:
     lat = sorted(latencies) or [float("nan")]
     return {"images_per_s": round(images / seconds, 1), "p50_ms": round(1e3 * lat[len(lat) // 2], 2),
@@ -48,10 +113,10 @@ def summarize(latencies: list[float], images: int, errors: int, seconds: float) 
             "errors": errors}
 
 
-def bench_inprocess(checkpoint: str, concurrency: int, duration: float) -> dict:
+def bench_inprocess(checkpoint: str, concurrency: int, duration: float, device: str = "cpu") -> dict:
     from aigc_ray.pipeline import GeneratorPipeline
 
-    pipe = GeneratorPipeline.from_checkpoint(checkpoint)
+    pipe = GeneratorPipeline.from_checkpoint(checkpoint, device)
     pipe.generate(list(range(concurrency)))  # warm-up
     lat, n, start = [], 0, time.perf_counter()
     while time.perf_counter() - start < duration:
@@ -118,7 +183,9 @@ async def run_serve_modes(args, ckpt_a: str, ckpt_b: str, results: dict) -> None
 
     http_port, grpc_port = free_port(), free_port()
     app.start(http_port=http_port, grpc_port=grpc_port, request_timeout_s=60)
-    base = {"max_num_images": 64, "min_replicas": 1, "max_replicas": 1, "replica_cpus": 1, "request_timeout_s": 60}
+    base = {"max_num_images": 64, "min_replicas": 1, "max_replicas": 1, "replica_cpus": 1, "request_timeout_s": 60,
+            "replica_gpus": 1 if args.device == "cuda" else 0, "max_queued_requests": 4096,
+            "max_ongoing_requests": 256}  # throughput cells measure speed, not shedding
     limits = httpx.Limits(max_connections=256, max_keepalive_connections=256)
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{http_port}", timeout=60, limits=limits) as client, \
             grpc.aio.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
@@ -163,8 +230,13 @@ def main() -> int:
     p.add_argument("--image-size", type=int, default=16, help="side of the default fresh checkpoints (16: dcgan-digits; "
                                                               "64 makes the model's own work count)")
     p.add_argument("--channels", type=int, default=1, choices=(1, 3), help="channels of the default fresh checkpoints")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where the model runs, in every mode")
+    p.add_argument("--plain-server", nargs=2, metavar=("CHECKPOINT", "PORT"), help=argparse.SUPPRESS)
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "serve_load.json"))
     args = p.parse_args()
+    if args.plain_server:
+        plain_server(args.plain_server[0], int(args.plain_server[1]), args.device)
+        return 0
 
     import ray
     from ray import serve
@@ -173,14 +245,16 @@ def main() -> int:
     ckpt_a = args.checkpoint or make_checkpoint(tmp / "a" / "checkpoint_a", 1, args.image_size, args.channels)
     ckpt_b = args.checkpoint_b or make_checkpoint(tmp / "b" / "checkpoint_b", 2, args.image_size, args.channels)
     results: dict = {"config": {**vars(args), "machine": f"{os.cpu_count()}-core CPU (shared with other jobs)"},
-                     "a_inprocess": {}, "b_http_batched": {}, "c_http_unbatched": {}, "d_grpc_batched": {}}
+                     "a_inprocess": {}, "b_http_batched": {}, "c_http_unbatched": {}, "d_grpc_batched": {},
+                     "p_plain_http": {}}
     import torch
 
     torch.set_num_threads(1)  # like one Serve replica with num_cpus=1
     for c in args.concurrency:
-        results["a_inprocess"][str(c)] = r = bench_inprocess(ckpt_a, c, args.duration)
+        results["a_inprocess"][str(c)] = r = bench_inprocess(ckpt_a, c, args.duration, args.device)
         print(f"{'a_inprocess':18s} c={c:<3d} {r['images_per_s']:8.1f} img/s  p50 {r['p50_ms']:8.1f} ms  "
               f"p99 {r['p99_ms']:8.1f} ms", flush=True)
+    asyncio.run(run_plain(args, ckpt_a, results))
     ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
     try:
         asyncio.run(run_serve_modes(args, ckpt_a, ckpt_b, results))
@@ -196,6 +270,13 @@ def main() -> int:
                                             "b_over_a_serve_vs_ceiling": ratio("b_http_batched", "a_inprocess"),
                                             "d_over_b_grpc_vs_http": ratio("d_grpc_batched", "b_http_batched")}
     print("ratios at c=" + top + ":", json.dumps(results["ratios_at_max_concurrency"]))
+    plain = results["p_plain_http"]
+    results["serve_vs_plain"] = {c: {mode: {"rps_ratio": round(results[mode][c]["images_per_s"] /
+                                                              max(plain[c]["images_per_s"], 1e-9), 2),
+                                            "p50_ratio": round(results[mode][c]["p50_ms"] / max(plain[c]["p50_ms"], 1e-9), 2)}
+                                     for mode in ("b_http_batched", "c_http_unbatched", "d_grpc_batched")}
+                                 for c in plain}
+    print("Serve / plain server (requests/s ratio, p50 ratio):", json.dumps(results["serve_vs_plain"]))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2))
     print(args.out)

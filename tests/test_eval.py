@@ -52,7 +52,7 @@ def test_floor_is_near_zero_next_to_noise(tmp_path, data_root):
 def test_card_round_trips_and_reads_as_ratios(tmp_path, data_root):
     cfg, prepared = _prepared(tmp_path, data_root)
     ckpt = _untrained_checkpoint(tmp_path / "ckpt", cfg, prepared)
-    result = evaluate_checkpoint(ckpt, num_samples=100, seed=3)
+    result = evaluate_checkpoint(ckpt, num_samples=100, seed=3, dataset=prepared)
     card = read_card(ckpt)
     assert card == json.loads(json.dumps(result["card"]))
     assert result["fid"] == card["metrics"]["fid"] and result["fid_floor"] == card["floor"]["fid"]
@@ -62,7 +62,7 @@ def test_card_round_trips_and_reads_as_ratios(tmp_path, data_root):
     p = card["protocol"]
     assert p["content_hash"] == read_manifest(prepared)["content_hash"] and p["num_samples"] == 100
     assert p["seed"] == 3 and p["weights"] == "raw" and p["feature_net"]["test_accuracy"] > 0.8
-    again = evaluate_checkpoint(ckpt, num_samples=100, seed=3, write_card=False)
+    again = evaluate_checkpoint(ckpt, num_samples=100, seed=3, write_card=False, dataset=prepared)
     assert again["fid"] == result["fid"]  # same seed, same numbers
 
 
@@ -77,7 +77,8 @@ def test_unlabelled_dataset_falls_back_to_autoencoder_features(tmp_path, data_ro
                                                 "data.dataset": f"folder:{folder}"})
     prepared = ensure_prepared(cfg.data, cfg.train.seed)
     assert read_manifest(prepared)["num_classes"] == 0
-    result = evaluate_checkpoint(_untrained_checkpoint(tmp_path / "ckpt", cfg, prepared), num_samples=50)
+    result = evaluate_checkpoint(_untrained_checkpoint(tmp_path / "ckpt", cfg, prepared), num_samples=50,
+                                 data_root=str(tmp_path / "data"))  # found by content hash in the cache
     assert "no class labels" in capsys.readouterr().err
     card = result["card"]
     assert card["protocol"]["feature_net"]["kind"] == "autoencoder"
@@ -90,7 +91,7 @@ def test_cli_eval_prints_the_table_and_writes_the_card(tmp_path, data_root):
     cfg, prepared = _prepared(tmp_path, data_root)
     ckpt = Path(_untrained_checkpoint(tmp_path / "ckpt", cfg, prepared))
     proc = subprocess.run([sys.executable, "-m", "aigc_ray.cli", "eval", "--checkpoint", str(ckpt),
-                           "--num-samples", "64"], capture_output=True, text=True, timeout=300)
+                           "--num-samples", "64", "--dataset", prepared], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     header, *rows = proc.stdout.splitlines()
     assert header.split() == ["metric", "value", "floor", "ceiling", "ratio"]

@@ -1,9 +1,17 @@
 """Ray Serve: real HTTP and gRPC calls on 127.0.0.1 against one local Serve per module (free ports)."""
 
+import asyncio
 import base64
+import concurrent.futures
 import io
 import shutil
 import socket
+import subprocess
+import sys
+import tempfile
+import time
+import zlib
+from pathlib import Path
 
 import grpc
 import httpx
@@ -19,6 +27,7 @@ from aigc_ray.serving.proto import aigc_pb2, aigc_pb2_grpc
 
 MAX_IMAGES = 16
 MAX_BODY = 64 * 1024
+MAX_IMAGE_BYTES = 16 * 1024
 
 
 def _free_port() -> int:
@@ -27,10 +36,23 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+TOKEN = "s3cret-test-token"
+TOKEN_FILE = Path(tempfile.mkdtemp(prefix="aigc-token-")) / "token"  # a mounted Secret, in miniature
+
+
 def _args(gan: str, vae: str) -> dict:
     return {"checkpoints": [f"gan={gan}", f"vae={vae}"], "max_num_images": MAX_IMAGES, "max_batch_images": 8,
-            "max_body_bytes": MAX_BODY, "request_timeout_s": 60, "min_replicas": 1, "max_replicas": 1,
-            "replica_cpus": 0.5}
+            "max_body_bytes": MAX_BODY, "max_image_bytes": MAX_IMAGE_BYTES, "request_timeout_s": 60,
+            "min_replicas": 1, "max_replicas": 1, "replica_cpus": 0.5, "max_ongoing_requests": 4,
+            "max_queued_requests": 8, "api_token_file": str(TOKEN_FILE)}
+
+
+class _Bearer(grpc.UnaryUnaryClientInterceptor):
+    """Adds the bearer token to every gRPC call's metadata, as a client would."""
+
+    def intercept_unary_unary(self, continuation, details, request):
+        metadata = [*(details.metadata or []), ("authorization", f"Bearer {TOKEN}")]
+        return continuation(details._replace(metadata=metadata), request)
 
 
 @pytest.fixture(scope="module")
@@ -39,13 +61,18 @@ def server(ray_session, trained_checkpoint, trained_vae_checkpoint):
 
     from aigc_ray.serving import app
 
+    TOKEN_FILE.write_text(TOKEN + "\n")
     http_port, grpc_port = _free_port(), _free_port()
     app.start(host="127.0.0.1", http_port=http_port, grpc_port=grpc_port, request_timeout_s=60)
     app.deploy(_args(trained_checkpoint, trained_vae_checkpoint))
-    channel = grpc.insecure_channel(f"127.0.0.1:{grpc_port}")
-    with httpx.Client(base_url=f"http://127.0.0.1:{http_port}", timeout=60) as client:
-        yield {"http": client, "grpc": channel, "gan": trained_checkpoint, "vae": trained_vae_checkpoint, "app": app}
-    channel.close()
+    open_channel = grpc.insecure_channel(f"127.0.0.1:{grpc_port}")
+    channel = grpc.intercept_channel(open_channel, _Bearer())
+    headers = {"authorization": f"Bearer {TOKEN}"}
+    with httpx.Client(base_url=f"http://127.0.0.1:{http_port}", timeout=60, headers=headers) as client:
+        yield {"http": client, "grpc": channel, "grpc_open": open_channel, "gan": trained_checkpoint,
+               "vae": trained_vae_checkpoint, "app": app, "http_port": http_port,
+               "grpc_target": f"127.0.0.1:{grpc_port}"}
+    open_channel.close()
     serve.shutdown()
 
 
@@ -133,7 +160,7 @@ def test_models_and_health(server):
     assert by_name["vae"]["family"] == "vae" and by_name["vae"]["last_error"] == ""
     assert server["http"].get("/healthz").json()["status"] == "ok"
     assert server["http"].get("/docs").status_code == 200
-    health = health_pb2_grpc.HealthStub(server["grpc"])
+    health = health_pb2_grpc.HealthStub(server["grpc_open"])
     for service in ("", "aigc.v1.Generator"):
         assert health.Check(health_pb2.HealthCheckRequest(service=service), timeout=60).status == \
             health_pb2.HealthCheckResponse.SERVING
@@ -144,8 +171,29 @@ def test_models_and_health(server):
     assert [m.name for m in listed.models] == ["gan", "vae"]
 
 
-def _b64_png(size: int) -> str:
-    return base64.b64encode(encode_png(torch.zeros(1, size, size, dtype=torch.uint8)).numpy().tobytes()).decode()
+def _png(size: int, channels: int = 1) -> bytes:
+    return encode_png(torch.zeros(channels, size, size, dtype=torch.uint8)).numpy().tobytes()
+
+
+def _b64_png(size: int, channels: int = 1) -> str:
+    return base64.b64encode(_png(size, channels)).decode()
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def _header_only_png(width: int, height: int, depth: int = 8, colour: int = 0) -> bytes:
+    """Signature + IHDR + IEND, no IDAT: any attempt to decode it fails, so a rejection naming its declared
+    size proves the header alone was read (a decompression bomb's header, without the bomb)."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return len(body).to_bytes(4, "big") + kind + body + zlib.crc32(kind + body).to_bytes(4, "big")
+    ihdr = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([depth, colour, 0, 0, 0])
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
+
+
+GIF = b"GIF89a\x08\x00\x08\x00\x80\x00\x00\x00\x00\x00\xff\xff\xff!\xf9\x04\x00\x00\x00\x00\x00,\x00\x00\x00\x00" \
+      b"\x08\x00\x08\x00\x00\x02\x07\x84\x8f\xa9\xcb\xed\x0f\x00;"
 
 
 BAD_HTTP = [
@@ -168,6 +216,20 @@ BAD_HTTP = [
     ("/v1/reconstruct", {"model": "vae", "images": [_b64_png(16)]}, "images[0]"),
     ("/v1/reconstruct", {"model": "gan", "images": [_b64_png(8)]}, "model"),  # a GAN has no encoder
     ("/v1/reconstruct", {"model": "vae", "images": [_b64_png(8)] * (MAX_IMAGES + 1)}, "images"),
+    # hostile or mistaken images: each named, none decoded, none a 500
+    ("/v1/reconstruct", {"model": "vae", "images": [_b64(GIF)]}, "images[0]"),
+    ("/v1/reconstruct", {"model": "vae", "images": [_b64_png(8), _b64(GIF)]}, "images[1]"),  # PNG + GIF
+    ("/v1/reconstruct", {"model": "vae", "images": [_b64_png(8, 3)]}, "images[0]"),  # RGB to a 1-channel model
+    ("/v1/reconstruct", {"model": "vae", "images": [_b64(_header_only_png(8, 8, depth=16))]}, "images[0]"),
+    ("/v1/reconstruct", {"model": "vae", "images": [_b64(_header_only_png(8, 8, colour=3))]}, "images[0]"),  # palette
+    ("/v1/reconstruct", {"model": "vae", "images": [_b64(_header_only_png(8, 8))]}, "images[0]"),  # no IDAT
+    ("/v1/reconstruct", {"model": "vae", "images": [_b64_png(8)[:40]]}, "images[0]"),  # truncated
+    ("/v1/reconstruct", {"model": "vae", "images": [_b64(_png(8) + bytes(MAX_IMAGE_BYTES))]}, "images[0]"),
+    ("/v1/generate", {"seed": True}, "seed"),  # a bool is not a seed
+    ("/v1/generate", {"num_images": 2.0}, "num_images"),
+    ("/v1/generate", {"labels": []}, "labels"),
+    ("/v1/generate", {"nmu_images": 2}, "nmu_images"),  # a typo is not ignored
+    ("/v1/interpolate", {"seed_a": 1, "seed_b": False}, "seed_b"),
 ]
 
 
@@ -195,6 +257,9 @@ BAD_GRPC = [
     ("Interpolate", aigc_pb2.InterpolateRequest(seed_a=1, seed_b=2, steps=0), "steps"),
     ("Reconstruct", aigc_pb2.ReconstructRequest(model="vae"), "images"),
     ("Reconstruct", aigc_pb2.ReconstructRequest(model="vae", images=[b"junk"]), "images[0]"),
+    ("Reconstruct", aigc_pb2.ReconstructRequest(model="vae", images=[_png(8), GIF]), "images[1]"),
+    ("Reconstruct", aigc_pb2.ReconstructRequest(model="vae", images=[_png(8, 3)]), "images[0]"),
+    ("Reconstruct", aigc_pb2.ReconstructRequest(model="vae", images=[_png(8) + bytes(MAX_IMAGE_BYTES)]), "images[0]"),
 ]
 
 
@@ -207,7 +272,142 @@ def test_bad_grpc_input_is_invalid_argument(server, method, request_, field):
     assert err.value.details().startswith(field), err.value.details()
 
 
-def test_checkpoint_swap_in_place_and_broken_uri_keeps_old(server, tmp_path):
+def test_decompression_bomb_rejected_from_its_header(server):
+    """A PNG declaring 40000x40000 (1.6 GB decoded) with no IDAT: a rejection naming the declared size can only
+    come from the header; decoding would have failed differently (and allocated first)."""
+    bomb = _header_only_png(40000, 40000)
+    started = time.perf_counter()
+    r = server["http"].post("/v1/reconstruct", json={"model": "vae", "images": [_b64(bomb)]})
+    http_s = time.perf_counter() - started
+    assert r.status_code == 422 and "40000x40000" in r.json()["error"] and r.json()["error"].startswith("images[0]")
+    started = time.perf_counter()
+    with pytest.raises(grpc.RpcError) as err:
+        aigc_pb2_grpc.GeneratorStub(server["grpc"]).Reconstruct(
+            aigc_pb2.ReconstructRequest(model="vae", images=[bomb]), timeout=60)
+    grpc_s = time.perf_counter() - started
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "40000x40000" in err.value.details()
+    print(f"bomb rejected: HTTP {http_s * 1e3:.0f} ms, gRPC {grpc_s * 1e3:.0f} ms")
+
+
+def test_grpc_has_the_http_byte_limit(server):
+    too_big = aigc_pb2.ReconstructRequest(model="vae", images=[_png(8) + bytes(MAX_IMAGE_BYTES - 200)] * 5)
+    assert too_big.ByteSize() > MAX_BODY
+    with pytest.raises(grpc.RpcError) as err:
+        aigc_pb2_grpc.GeneratorStub(server["grpc"]).Reconstruct(too_big, timeout=60)
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and err.value.details().startswith("request")
+
+
+def test_bearer_token_http_and_grpc(server):
+    bare = httpx.Client(base_url=f"http://127.0.0.1:{server['http_port']}", timeout=60)
+    with bare:
+        for headers in ({}, {"authorization": "Bearer wrong"}, {"authorization": TOKEN}):
+            r = bare.post("/v1/generate", json={"num_images": 1}, headers=headers)
+            assert r.status_code == 401 and r.json()["error"].startswith("authorization"), r.text
+            assert r.headers["www-authenticate"] == "Bearer"
+        assert bare.get("/v1/models").status_code == 401
+        assert bare.get("/healthz").status_code == 200  # probes stay open
+        assert bare.get("/openapi.json").status_code == 200
+    stub = aigc_pb2_grpc.GeneratorStub(server["grpc_open"])
+    for method, request_ in (("Generate", aigc_pb2.GenerateRequest(num_images=1)),
+                             ("ListModels", aigc_pb2.ListModelsRequest())):
+        with pytest.raises(grpc.RpcError) as err:
+            getattr(stub, method)(request_, timeout=60)
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Generate(aigc_pb2.GenerateRequest(num_images=1), metadata=[("authorization", "Bearer nope")], timeout=60)
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_overload_sheds_with_503_and_resource_exhausted(server):
+    """max_ongoing_requests 4 + max_queued_requests 8 per caller: 48 requests at once cannot all be taken."""
+    url = f"http://127.0.0.1:{server['http_port']}/v1/generate"
+    headers = {"authorization": f"Bearer {TOKEN}"}
+
+    async def burst():
+        import grpc.aio
+
+        async with httpx.AsyncClient(timeout=60, headers=headers,
+                                     limits=httpx.Limits(max_connections=64)) as client:
+            http = await asyncio.gather(*(client.post(url, json={"num_images": MAX_IMAGES, "seed": i})
+                                          for i in range(48)))
+        async with grpc.aio.insecure_channel(server["grpc_target"]) as channel:
+            stub = aigc_pb2_grpc.GeneratorStub(channel)
+            calls = [stub.Generate(aigc_pb2.GenerateRequest(num_images=MAX_IMAGES, seed=i), timeout=60,
+                                   metadata=[("authorization", f"Bearer {TOKEN}")]) for i in range(48)]
+            codes = []
+            for call in calls:
+                try:
+                    await call
+                    codes.append(grpc.StatusCode.OK)
+                except grpc.aio.AioRpcError as err:
+                    codes.append(err.code())
+        return http, codes
+
+    http, codes = asyncio.run(burst())
+    statuses = sorted({r.status_code for r in http})
+    assert set(statuses) <= {200, 503} and 200 in statuses and 503 in statuses, statuses
+    shed = next(r for r in http if r.status_code == 503)
+    assert shed.headers["retry-after"] == "1" and shed.json()["error"].startswith("model: overloaded")
+    assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED} and \
+        grpc.StatusCode.RESOURCE_EXHAUSTED in codes and grpc.StatusCode.OK in codes, codes
+
+
+def test_openapi_states_the_deployed_limits(server):
+    schema = server["http"].get("/openapi.json").json()
+    bodies = schema["components"]["schemas"]
+    assert bodies["GenerateBody"]["properties"]["num_images"]["maximum"] == MAX_IMAGES
+    assert bodies["InterpolateBody"]["properties"]["steps"]["maximum"] == MAX_IMAGES
+    assert bodies["ReconstructBody"]["properties"]["images"]["maxItems"] == MAX_IMAGES
+    assert "labels" not in bodies["GenerateBody"]["properties"]  # no served model is class-conditional
+    models = bodies["ReconstructBody"]["properties"]["model"]["anyOf"][0]["enum"]
+    assert models == ["vae"]  # the GAN has no encoder
+    assert bodies["GenerateBody"]["additionalProperties"] is False
+
+
+def test_schemathesis_finds_no_failure(server, tmp_path):
+    """The published contract holds against the live server: schemathesis, every check, bounded examples.
+    /v1/reconstruct's positive cases are exempt from positive_data_acceptance only: a JSON schema cannot say
+    "a PNG of 8x8 grayscale pixels", so schema-valid random strings are rightly refused (422)."""
+    config = tmp_path / "schemathesis.toml"
+    config.write_text('[[operations]]\ninclude-path = "/v1/reconstruct"\n'
+                      'checks.positive_data_acceptance.enabled = false\n')
+    cmd = [sys.executable, "-m", "schemathesis.cli", "--config-file", str(config), "run",
+           f"http://127.0.0.1:{server['http_port']}/openapi.json", "--checks", "all", "--max-examples", "15",
+           "--header", f"Authorization: Bearer {TOKEN}", "--seed", "1", "--no-color", "--workers", "2"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-6000:] + out.stderr[-2000:]
+
+
+def _kill_replicas(deployment: str) -> int:
+    """Kill every replica actor of a deployment, as a node loss or an OOM kill would."""
+    import ray
+
+    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+             if a["namespace"] == "serve" and f"#{deployment}#" in a["name"]]
+    for name in names:
+        ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
+    return len(names)
+
+
+def _load(url: str, seconds: float, concurrency: int = 8) -> list[tuple[int, str]]:
+    """(status, model_version) of every request `concurrency` clients sent in `seconds`."""
+    headers = {"authorization": f"Bearer {TOKEN}"}
+
+    async def run():
+        out, stop = [], time.perf_counter() + seconds
+        async with httpx.AsyncClient(timeout=60, headers=headers) as client:
+            async def worker(w):
+                i = 0
+                while time.perf_counter() < stop:
+                    r = await client.post(url, json={"num_images": 1, "seed": w * 1000 + i})
+                    out.append((r.status_code, r.json().get("model_version", "") if r.status_code == 200 else r.text))
+                    i += 1
+            await asyncio.gather(*(worker(w) for w in range(concurrency)))
+        return out
+    return asyncio.run(run())
+
+
+def test_checkpoint_swap_bad_rollout_then_replica_kill_serves_last_known_good(server, tmp_path):
     """Runs last in the module: it changes what is served."""
     http, app = server["http"], server["app"]
     old = model_version(server["gan"])
@@ -222,8 +422,30 @@ def test_checkpoint_swap_in_place_and_broken_uri_keeps_old(server, tmp_path):
     r = http.post("/v1/generate", json={"num_images": 1, "seed": 7}).json()
     assert r["model_version"] == new and _png_text(base64.b64decode(r["images"][0]))["Model-Version"] == new
 
-    app.deploy(_args(str(tmp_path / "does-not-exist"), server["vae"]))
+    bad = str(tmp_path / "does-not-exist")
+    app.deploy(_args(bad, server["vae"]))
     gan = next(m for m in http.get("/v1/models").json()["models"] if m["name"] == "gan")
     assert gan["version"] == new and "does-not-exist" in gan["last_error"] and "still serving" in gan["last_error"]
+    assert gan["degraded"] and gan["requested"] == bad and gan["checkpoint"] == f"file://{swapped}"
     r = http.post("/v1/generate", json={"num_images": 1, "seed": 7})
     assert r.status_code == 200 and r.json()["model_version"] == new
+
+    # The replica dies under load (8 clients); its replacement is configured with the bad URI and must come up
+    # on the last known good instead of failing its constructor again and again.
+    url = f"http://127.0.0.1:{server['http_port']}/v1/generate"
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        during = pool.submit(_load, url, 6.0)
+        time.sleep(1.0)
+        assert _kill_replicas("model-gan") == 1
+        during = during.result()
+    assert {status for status, _ in during} <= {200, 503}, [x for x in during if x[0] not in (200, 503)][:3]
+    deadline = time.monotonic() + 120
+    while http.post("/v1/generate", json={"num_images": 1}).status_code != 200:  # the replacement is up
+        assert time.monotonic() < deadline, "replacement replica never came up"
+        time.sleep(0.5)
+    after = _load(url, 3.0)
+    assert after and all(status == 200 and version == new for status, version in after), after[:3]
+    gan = next(m for m in http.get("/v1/models").json()["models"] if m["name"] == "gan")
+    assert gan["degraded"] and gan["version"] == new and gan["requested"] == bad and "does-not-exist" in gan["last_error"]
+    health = http.get("/healthz")
+    assert health.status_code == 200 and health.json()["status"] == "degraded"

@@ -50,8 +50,19 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
 
 
 def shard_files(directory: str | Path, split: str) -> list[str]:
+    """The split's shard paths, each one's schema checked (footer only) before anyone reads a
+    cell: a prepared directory may come from someone else (see data/schema.py)."""
+    from aigc_ray.data.schema import check_image_schema
+
     manifest = read_manifest(directory)
-    return [storage.join(str(directory), name) for name in manifest["shards"][split]]
+    files = []
+    for name in manifest["shards"][split]:
+        if not isinstance(name, str) or "/" in name or "\\" in name or name.startswith("."):
+            raise PrepareError(f"{directory}/{MANIFEST}: shard name {name!r} is not a file in the directory")
+        path = storage.join(str(directory), name)
+        check_image_schema(storage.parquet_schema(path), path, require_label=True)
+        files.append(path)
+    return files
 
 
 def _to_chw(payload: np.ndarray | bytes) -> torch.Tensor | None:

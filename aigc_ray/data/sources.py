@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from aigc_ray.config import MAX_NUM_CLASSES as MAX_CLASSES  # labels beyond it are refused
+
 BUILTIN = ("digits", "shapes")
 TORCHVISION = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST", "cifar10": "CIFAR10"}
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -128,17 +130,33 @@ def _folder(path: Path) -> Source:
 
 
 def _parquet(uri: str) -> Source:
-    """Parquet with an ``image`` column of encoded bytes and an optional ``label`` column."""
+    """Parquet with an ``image`` column of encoded bytes and an optional integer ``label``
+    column. Every file's schema is checked before any cell is converted (see data/schema.py)."""
     import pyarrow.dataset as pads
 
+    from aigc_ray.data.schema import check_image_schema
+
     try:
-        table = pads.dataset(uri, format="parquet").to_table()
+        ds = pads.dataset(uri, format="parquet")
+        schemas = [(f.path, f.physical_schema) for f in ds.get_fragments()]  # footers only
     except (OSError, ValueError) as err:
         raise SourceError(f"parquet:{uri} can't be read: {err}") from None
-    if "image" not in table.column_names:
-        raise SourceError(f"parquet:{uri} has no 'image' column (columns: {table.column_names})")
-    images = table.column("image").to_pylist()
-    labels = table.column("label").to_pylist() if "label" in table.column_names else [-1] * len(images)
+    if not schemas:
+        raise SourceError(f"parquet:{uri} holds no Parquet files")
+    labelled = [check_image_schema(schema, f"parquet:{path}") for path, schema in schemas]
+    columns = ["image", "label"] if all(labelled) else ["image"]
+    try:
+        table = ds.to_table(columns=columns)
+    except (OSError, ValueError) as err:
+        raise SourceError(f"parquet:{uri} can't be read: {err}") from None
+    images = table.column("image").to_pylist()  # bytes: the type was checked above
+    labels = table.column("label").to_pylist() if "label" in columns else [-1] * len(images)
+    labels = [-1 if lab is None else lab for lab in labels]
+    bad = [lab for lab in labels if not -1 <= lab < MAX_CLASSES]
+    if bad:
+        raise SourceError(f"parquet:{uri}: label {bad[0]} out of range; labels are 0..{MAX_CLASSES - 1}, "
+                          "or -1 for unlabelled")
     n_classes = max(labels, default=-1) + 1
-    records = (Record(f"parquet/{i}", img, int(lab)) for i, (img, lab) in enumerate(zip(images, labels)))
+    records = (Record(f"parquet/{i}", img, lab) for i, (img, lab) in enumerate(zip(images, labels)))
     return Source(f"parquet:{uri}", [str(c) for c in range(n_classes)], records, len(images))
+

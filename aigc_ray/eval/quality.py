@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 import warnings
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -25,12 +27,12 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.kid import KernelInceptionDistance
 
 from aigc_ray import storage
-from aigc_ray.config import ExperimentConfig
-from aigc_ray.data.pipeline import ensure_prepared, load_split
+from aigc_ray.config import DataConfig, ExperimentConfig
+from aigc_ray.data.pipeline import load_split
 from aigc_ray.data.prepare import MANIFEST, read_manifest
 from aigc_ray.eval.featnet import FeatureNet, load_or_train
 from aigc_ray.models import build_generator
-from aigc_ray.models.checkpoint import load_generator, model_version, read_meta, write_card
+from aigc_ray.models.checkpoint import load_generator, model_config, model_version, read_meta, write_card
 from aigc_ray.pipeline import GeneratorPipeline
 
 CARD_FORMAT = "aigc-ray-card/1"
@@ -95,21 +97,30 @@ def classifier_scores(probs: torch.Tensor) -> dict[str, float]:
             "class_coverage": float((hist >= 0.25 / k).double().mean())}
 
 
-def locate_dataset(meta: dict) -> str:
-    """The prepared dataset the checkpoint was trained on: the recorded path if it is still
-    there, else prepared again from the checkpoint's config; its content hash must match."""
+def locate_dataset(meta: dict, dataset: str | None = None, data_root: str | None = None) -> str:
+    """The prepared dataset the checkpoint was trained on, found by the content hash it records:
+    ``dataset`` when given (a directory written by `aigc-ray prepare`, or parquet:DIR), else the
+    local prepared cache under ``data_root`` (default: data.data_root's default). A checkpoint
+    may come from anyone, so the paths and data settings it carries are never prepared, read
+    or written."""
     want = meta.get("dataset", {}).get("content_hash")
-    recorded = meta.get("dataset", {}).get("prepared")
-    if recorded and storage.exists(storage.join(recorded, MANIFEST)):
-        if read_manifest(recorded)["content_hash"] == want:
-            return recorded
-    cfg = ExperimentConfig.from_dict(meta["experiment"])
-    prepared = ensure_prepared(cfg.data, cfg.train.seed)
-    found = read_manifest(prepared)["content_hash"]
-    if want and found != want:
-        raise ValueError(f"dataset: the checkpoint was trained on data with content hash {want[:12]} but "
-                         f"{prepared} holds {found[:12]}; pass the original prepared dataset")
-    return prepared
+    if dataset:
+        path = dataset[len("parquet:"):] if dataset.startswith("parquet:") else dataset
+        path = path if storage.is_uri(path) else os.path.expanduser(path)
+        found = read_manifest(path)["content_hash"]
+        if want and found != want:
+            raise ValueError(f"dataset: the checkpoint was trained on data with content hash {want[:12]} but "
+                             f"{dataset} holds {found[:12]}")
+        return path
+    root = Path(os.path.expanduser(data_root or DataConfig().data_root), "prepared")
+    for manifest in sorted(root.glob(f"*/{MANIFEST}")) if want else []:
+        try:
+            if json.loads(manifest.read_text()).get("content_hash") == want:
+                return str(manifest.parent)
+        except (OSError, ValueError):
+            continue  # a torn or foreign manifest is not the one we look for
+    raise ValueError(f"dataset: no prepared dataset with content hash {str(want)[:12]} under {root}; pass "
+                     "--dataset DIR (the directory `aigc-ray prepare` wrote for it) or --data-root")
 
 
 def _split(prepared: str, split: str) -> torch.Tensor:
@@ -132,12 +143,18 @@ def _sample(pipe: GeneratorPipeline, n: int, seed: int, held_out: torch.Tensor) 
     return torch.cat(chunks)
 
 
-def score_checkpoint(checkpoint_dir: str, num_samples: int | None = None, seed: int = 0) -> dict[str, Any]:
-    """The quality card of a local checkpoint directory (nothing written)."""
+def score_checkpoint(checkpoint_dir: str, num_samples: int | None = None, seed: int = 0, *,
+                     dataset: str | None = None, data_root: str | None = None,
+                     own_checkpoint: bool = False) -> dict[str, Any]:
+    """The quality card of a local checkpoint directory (nothing written). ``dataset`` /
+    ``data_root``: see locate_dataset. ``own_checkpoint``: the checkpoint was just written by
+    this run (training, a sweep), so the prepared path it records is the run's own."""
     meta = read_meta(checkpoint_dir)
     cfg = ExperimentConfig.from_dict(meta["experiment"])
     requested = num_samples or cfg.eval.num_samples
-    prepared = locate_dataset(meta)
+    if own_checkpoint and not dataset:
+        dataset = meta.get("dataset", {}).get("prepared")
+    prepared = locate_dataset(meta, dataset, data_root)
     manifest = read_manifest(prepared)
     if min(manifest["counts"].values()) < 2:
         raise ValueError(f"dataset: {prepared} has {manifest['counts']} images per split; the comparison needs "
@@ -158,7 +175,7 @@ def score_checkpoint(checkpoint_dir: str, num_samples: int | None = None, seed: 
     key = ("ceiling", manifest["content_hash"], n, seed, json.dumps(meta["model"], sort_keys=True))
     if key not in _cache:
         torch.manual_seed(seed)
-        untrained = build_generator(ExperimentConfig.from_dict(meta["experiment"]).model).eval()
+        untrained = build_generator(model_config(meta)).eval()
         _cache[key] = domain_metrics(net, reference, _sample(GeneratorPipeline(untrained, meta, "untrained"),
                                                              n, seed, held_out), seed)
     ceiling = _cache[key]
@@ -206,11 +223,12 @@ def flat_metrics(card: dict[str, Any]) -> dict[str, float]:
 
 
 def evaluate_checkpoint(checkpoint_dir: str, num_samples: int | None = None, seed: int = 0,
-                        write_card: bool = True) -> dict[str, Any]:
+                        write_card: bool = True, **where) -> dict[str, Any]:
     """Score a checkpoint (a local path or an s3:// / gs:// URI) and, by default, write its
-    card.json. Returns the flat metrics (fid, kid, fid_floor, fid_ratio, ...) plus "card"."""
+    card.json. Returns the flat metrics (fid, kid, fid_floor, fid_ratio, ...) plus "card".
+    ``where``: dataset / data_root / own_checkpoint, as score_checkpoint takes them."""
     local = storage.localize(checkpoint_dir)
-    card = score_checkpoint(local, num_samples, seed)
+    card = score_checkpoint(local, num_samples, seed, **where)
     if write_card:
         write_card_to(checkpoint_dir, local, card)
     return flat_metrics(card) | {"card": card}

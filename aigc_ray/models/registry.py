@@ -102,6 +102,10 @@ class ModelFamily:
             raise ValueError(f"model family {self.name!r} cannot generate: it has no prior to sample from")
         return model(z, labels)
 
+    def encode(self, model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+        """Images (N, C, S, S) in [-1, 1] -> the encoder's mean (N, latent_dim)."""
+        raise ValueError(f"model family {self.name!r} has no encoder: it cannot encode")
+
     def reconstruct(self, model: nn.Module, images: torch.Tensor) -> torch.Tensor:
         """Images (N, C, S, S) in [-1, 1] -> reconstructions in [-1, 1] (through the encoder's mean)."""
         raise ValueError(f"model family {self.name!r} has no encoder: it cannot reconstruct")

@@ -150,9 +150,11 @@ class VAEOptions:
 class _AutoencoderFamily(ModelFamily):
     """What the VAE and the plain AE share: one module that encodes and decodes."""
 
+    def encode(self, model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+        return model.encode(images)[0]
+
     def reconstruct(self, model: nn.Module, images: torch.Tensor) -> torch.Tensor:
-        mu, _ = model.encode(images)
-        return model.decode(mu)
+        return model.decode(self.encode(model, images))
 
 
 @register

@@ -12,157 +12,100 @@ which routes every method to the ingress deployment's method of the same name.
 # annotations of request bodies then fail to resolve (pydantic "not fully defined").
 import asyncio
 import base64
+import copy
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import secrets
-from pathlib import PurePosixPath
-from typing import Any, Literal
+import time
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import ValidationError
 from ray import serve
+from ray.exceptions import RayActorError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 
+from aigc_ray.serving.auth import OPEN_PATHS, bearer_ok, grpc_authorization
 from aigc_ray.serving.model import BadRequest, GeneratorModel
+from aigc_ray.serving.options import GenerateBody, ImagesOut, InterpolateBody, ReconstructBody, ServeOptions, deployed_openapi
 
 GRPC_SERVICERS = ["aigc_ray.serving.proto.aigc_pb2_grpc.add_GeneratorServicer_to_server",
                   "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server"]
 APP_NAME = "aigc"
-HARD_MAX_IMAGES = 4096  # schema-level cap; the configured max_num_images is checked on top
-
-
-@dataclasses.dataclass
-class ServeOptions:
-    checkpoints: list = dataclasses.field(default_factory=list)
-    """Checkpoints to serve: "PATH_OR_URI", "NAME=PATH_OR_URI" or {"name", "checkpoint"}. The first is the
-    default model; a name defaults to the run directory's name (the checkpoint's parent)."""
-    max_num_images: int = 64
-    """Most images one request may ask for (generate num_images, interpolate steps, reconstruct images)."""
-    max_batch_images: int = 64
-    """Most images in one forward pass; @serve.batch packs requests up to this many images (1 = no batching)."""
-    batch_wait_timeout_s: float = 0.005
-    """How long a batch waits for more requests after its first one."""
-    max_body_bytes: int = 8 * 1024 * 1024
-    """Largest HTTP request body accepted (413 above it)."""
-    request_timeout_s: float = 30.0
-    """A request not answered in this time gets 504 / DEADLINE_EXCEEDED instead of hanging."""
-    min_replicas: int = 1
-    """Autoscaling floor per model deployment."""
-    max_replicas: int = 2
-    """Autoscaling ceiling per model deployment."""
-    target_ongoing_requests: float = 8.0
-    """Autoscaling target of in-flight requests per model replica."""
-    replica_cpus: float = 1.0
-    """CPUs reserved per model replica (its torch thread budget)."""
-    replica_gpus: float = 0.0
-    """GPUs per model replica; > 0 runs the model on the replica's GPU (on a cluster, the autoscaler
-    adds a GPU node for it). The same seed gives the same bytes on the same kind of device."""
-
-    def __post_init__(self) -> None:
-        if not self.checkpoints:
-            raise ValueError("checkpoints: give at least one checkpoint path or URI")
-        for key in ("max_num_images", "max_batch_images", "max_body_bytes", "min_replicas", "max_replicas"):
-            if not isinstance(getattr(self, key), int) or getattr(self, key) < (0 if key == "min_replicas" else 1):
-                raise ValueError(f"{key}: must be a positive integer, got {getattr(self, key)!r}")
-        if self.max_num_images > HARD_MAX_IMAGES:
-            raise ValueError(f"max_num_images: at most {HARD_MAX_IMAGES}")
-        if self.min_replicas > self.max_replicas:
-            raise ValueError(f"min_replicas ({self.min_replicas}) > max_replicas ({self.max_replicas})")
-        if self.replica_gpus < 0:
-            raise ValueError(f"replica_gpus: must be >= 0, got {self.replica_gpus!r}")
-        for key in ("batch_wait_timeout_s", "request_timeout_s", "target_ongoing_requests", "replica_cpus"):
-            if getattr(self, key) < 0 or (key != "batch_wait_timeout_s" and getattr(self, key) == 0):
-                raise ValueError(f"{key}: must be > 0")
-
-    def models(self) -> dict[str, str]:
-        """{name: checkpoint URI}, names unique, in the given order."""
-        out: dict[str, str] = {}
-        for i, item in enumerate(self.checkpoints):
-            if isinstance(item, dict):
-                name, uri = item.get("name") or "", item.get("checkpoint") or ""
-            else:
-                name, sep, uri = str(item).partition("=")
-                if not sep or "/" in name or ":" in name:
-                    name, uri = "", str(item)
-            if not uri:
-                raise ValueError(f"checkpoints[{i}]: empty checkpoint path")
-            name = name or PurePosixPath(uri.rstrip("/")).parent.name or f"model{i}"
-            if name in out:
-                name = f"{name}-{i}"
-            out[name] = uri
-        return out
-
-
-# ---- request bodies (pydantic: a wrong type or missing field -> 422 naming it) ----------------------
-
-class GenerateBody(BaseModel):
-    model: str | None = Field(None, description="served model name (GET /v1/models); default: the first")
-    num_images: int = Field(1, ge=1, le=HARD_MAX_IMAGES, description="1..max_num_images")
-    seed: int | None = Field(None, ge=0, lt=2**62, description="image i uses seed + i; absent = random")
-    labels: list[int] | None = Field(None, max_length=HARD_MAX_IMAGES,
-                                     description="class-conditional models: one label for all, or one per image")
-    format: Literal["png", "npy"] = Field("png", description="png: base64 PNG per image; npy: one uint8 NCHW array")
-    grid: bool = Field(False, description="answer with one PNG grid (image/png) instead of JSON")
-
-
-class InterpolateBody(BaseModel):
-    model: str | None = None
-    seed_a: int = Field(..., ge=0, lt=2**62)
-    seed_b: int = Field(..., ge=0, lt=2**62)
-    steps: int = Field(8, ge=2, le=HARD_MAX_IMAGES)
-    label: int | None = Field(None, description="class-conditional models only")
-
-
-class ReconstructBody(BaseModel):
-    model: str | None = None
-    images: list[str] = Field(..., min_length=1, max_length=HARD_MAX_IMAGES,
-                              description="base64 PNG images of the model's size and channels")
-
-
-class ImagesOut(BaseModel):
-    model: str
-    model_version: str
-    seeds: list[int]
-    images: list[str] = Field(default_factory=list, description="base64 PNG, tEXt: Model-Version, Seed, AI-Generated")
-    npy: str | None = Field(None, description="format=npy: base64 of a .npy uint8 (N, C, H, W) array")
+RETRY_AFTER_S = 1
+logger = logging.getLogger("ray.serve")
 
 
 def _field_errors(errors: list[dict]) -> str:
     return "; ".join(f"{'.'.join(str(p) for p in e['loc'] if p != 'body') or 'body'}: {e['msg']}" for e in errors)
 
 
-app = FastAPI(title="aigc-ray", version="1",
+def _live() -> dict:
+    """This ingress replica's runtime state (token, limits, metrics), set by Ingress.__init__. Reached through
+    the module at call time: Serve pickles the ingress class by value, so a global it wrote would be a copy."""
+    from aigc_ray.serving import options
+
+    return options.RUNTIME
+
+
+# Our own /openapi.json (a method of the ingress, with the deployed limits) and /docs pointing at it.
+app = FastAPI(title="aigc-ray", version="1", openapi_url=None, docs_url=None, redoc_url=None,
               description="Generate, interpolate and reconstruct images with GANs and VAEs trained by aigc-ray. "
-                          "Every PNG carries tEXt metadata marking it AI-generated.")
-# The limit reaches the middleware through the ingress replica's environment (set in build_app): the
-# FastAPI app is pickled into the replica, so a module global changed in __init__ would not be seen.
-BODY_LIMIT_ENV = "AIGC_MAX_BODY_BYTES"
+                          "Every PNG carries tEXt metadata marking it AI-generated. With a token configured, "
+                          "send `Authorization: Bearer <token>`.")
+
+
+def _reject(reason: str, status: int, message: str, headers: dict | None = None) -> JSONResponse:
+    counter = _live().get("rejected")
+    if counter is not None:
+        counter.inc(tags={"reason": reason})
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
 @app.middleware("http")
-async def _limit_body(request: Request, call_next):
-    limit = int(os.environ.get(BODY_LIMIT_ENV, ServeOptions.max_body_bytes))
+async def _guard(request: Request, call_next):
+    live = _live()
+    if request.url.path not in OPEN_PATHS and not bearer_ok(live.get("token", ""), request.headers.get("authorization")):
+        return _reject("unauthorized", 401, "authorization: missing or wrong bearer token",
+                       {"WWW-Authenticate": "Bearer"})
+    limit = live.get("max_body_bytes", ServeOptions.max_body_bytes)
     length = request.headers.get("content-length")
     if length is not None and (not length.isdigit() or int(length) > limit):
-        return JSONResponse({"error": f"body: larger than the {limit}-byte limit"}, status_code=413)
+        return _reject("too_large", 413, f"body: larger than the {limit}-byte limit")
     if length is None and request.method == "POST":  # chunked: count what arrives
         body = b""
         async for chunk in request.stream():
             body += chunk
             if len(body) > limit:
-                return JSONResponse({"error": f"body: larger than the {limit}-byte limit"}, status_code=413)
+                return _reject("too_large", 413, f"body: larger than the {limit}-byte limit")
         request._body = body
     return await call_next(request)
 
 
 @app.exception_handler(RequestValidationError)
 async def _invalid(_: Request, exc: RequestValidationError):
-    return JSONResponse({"error": _field_errors(exc.errors()), "detail": json.loads(json.dumps(exc.errors(), default=str))},
+    detail = [{k: e[k] for k in ("loc", "msg", "type") if k in e} for e in exc.errors()]
+    return JSONResponse({"error": _field_errors(exc.errors()), "detail": json.loads(json.dumps(detail, default=str))},
                         status_code=422)
+
+
+class Overloaded(Exception):
+    """The model's queue is full (Serve's max_queued_requests): 503 + Retry-After / RESOURCE_EXHAUSTED."""
+
+
+class Unavailable(Exception):
+    """No model replica could take the request (one died, its replacement is starting): 503 + Retry-After."""
+
+
+class TooLarge(BadRequest):
+    """A gRPC message over max_body_bytes: RESOURCE_EXHAUSTED, as gRPC itself answers an oversized message."""
 
 
 class UnknownModel(BadRequest):
@@ -190,12 +133,27 @@ def _grid(result: dict) -> bytes:
 @serve.ingress(app)
 class Ingress:
     def __init__(self, models: dict[str, DeploymentHandle], options: dict):
+        from ray.serve.metrics import Counter
+
+        from aigc_ray.serving import options as live
+        from aigc_ray.serving.auth import resolve_token
+
         self.models, self.options = models, ServeOptions(**options)
         self.default = next(iter(models))
+        self.rejected = Counter("aigc_requests_rejected", description="Requests refused before reaching a model "
+                                "(reason: overloaded, unauthorized, too_large).", tag_keys=("reason",))
+        self.token = resolve_token(self.options.api_token_env, self.options.api_token_file)
+        live.RUNTIME.update(token=self.token, max_body_bytes=self.options.max_body_bytes, rejected=self.rejected)
+        self._infos_cache: tuple[float, list[dict]] = (0.0, [])
 
     # ---- shared core (HTTP and gRPC) -------------------------------------------------------
 
-    def _handle(self, name: str | None) -> tuple[str, DeploymentHandle]:
+    async def _handle(self, name: str | None, op: str = "generate") -> tuple[str, DeploymentHandle]:
+        if name is None and op == "reconstruct":  # the first model with an encoder
+            able = [i["name"] for i in await self._infos(max_age_s=10.0) if i["can_reconstruct"]]
+            if not able:
+                raise BadRequest("model: no served model can reconstruct (needs a vae or ae)")
+            name = able[0]
         name = name or self.default
         if name not in self.models:
             raise UnknownModel(f"model: unknown model {name!r}; served: {', '.join(self.models)}")
@@ -210,9 +168,15 @@ class Ingress:
             return await asyncio.wait_for(getattr(handle, method).remote(*args), self.options.request_timeout_s)
         except BadRequest as err:
             raise BadRequest(_cause(err)) from None
+        except BackPressureError:
+            self.rejected.inc(tags={"reason": "overloaded"})
+            raise Overloaded("model: overloaded, its queue is full; retry later") from None
+        except (RayActorError, DeploymentUnavailableError) as err:
+            logger.warning("model call failed: %s", type(err).__name__)
+            raise Unavailable("model: no replica available right now; retry later") from None
 
     async def _generate(self, body: GenerateBody) -> dict:
-        name, handle = self._handle(body.model)
+        name, handle = await self._handle(body.model)
         self._check_count("num_images", body.num_images)
         if body.labels is not None and len(body.labels) not in (1, body.num_images):
             raise BadRequest(f"labels: give 1 label or num_images ({body.num_images}), got {len(body.labels)}")
@@ -221,30 +185,46 @@ class Ingress:
         return await self._call(handle, "generate_array" if body.format == "npy" else "generate", seeds, body.labels)
 
     async def _interpolate(self, body: InterpolateBody) -> dict:
-        name, handle = self._handle(body.model)
+        name, handle = await self._handle(body.model)
         self._check_count("steps", body.steps)
         return await self._call(handle, "interpolate", body.seed_a, body.seed_b, body.steps, body.label)
 
     async def _reconstruct(self, body_model: str | None, pngs: list[bytes]) -> dict:
-        name, handle = self._handle(body_model)
+        name, handle = await self._handle(body_model, "reconstruct")
         self._check_count("images", len(pngs))
+        for i, png in enumerate(pngs):
+            if len(png) > self.options.max_image_bytes:
+                raise BadRequest(f"images[{i}]: {len(png)} bytes, over the {self.options.max_image_bytes}-byte "
+                                 "limit per image")
         return await self._call(handle, "reconstruct", pngs)
 
-    async def _infos(self) -> list[dict]:
-        return list(await asyncio.gather(*(h.info.remote() for h in self.models.values())))
+    async def _infos(self, max_age_s: float = 0.0) -> list[dict]:
+        at, infos = self._infos_cache
+        if not infos or time.monotonic() - at > max_age_s:
+            infos = list(await asyncio.gather(*(h.info.remote() for h in self.models.values())))
+            self._infos_cache = (time.monotonic(), infos)
+        return infos
+
+    def _internal(self, where: str, err: BaseException) -> str:
+        ref = secrets.token_hex(4)
+        logger.error("%s failed [%s]: %s: %s", where, ref, type(err).__name__, err)
+        return f"internal error (logged as {ref})"  # never the traceback or a path
 
     # ---- HTTP ------------------------------------------------------------------------------------
 
-    @staticmethod
-    async def _http(coro) -> Any:
+    async def _http(self, coro) -> Any:
         try:
             return await coro
         except UnknownModel as err:
             return JSONResponse({"error": str(err)}, status_code=404)
         except BadRequest as err:
             return JSONResponse({"error": str(err)}, status_code=422)
+        except (Overloaded, Unavailable) as err:
+            return JSONResponse({"error": str(err)}, status_code=503, headers={"Retry-After": str(RETRY_AFTER_S)})
         except asyncio.TimeoutError:
             return JSONResponse({"error": "timeout: the model did not answer in time"}, status_code=504)
+        except Exception as err:  # a fault of ours, not of the request
+            return JSONResponse({"error": self._internal("request", err)}, status_code=500)
 
     @staticmethod
     def _json(result: dict) -> dict:
@@ -254,7 +234,8 @@ class Ingress:
             out["npy"] = base64.b64encode(result["npy"]).decode()
         return out
 
-    @app.post("/v1/generate", response_model=ImagesOut, response_model_exclude_none=True)
+    @app.post("/v1/generate", response_model=ImagesOut, response_model_exclude_none=True,
+              responses={404: {"description": "unknown model"}, 503: {"description": "overloaded; see Retry-After"}})
     async def generate(self, body: GenerateBody):
         result = await self._http(self._generate(body.model_copy(update={"format": "png"}) if body.grid else body))
         if not isinstance(result, dict):
@@ -265,15 +246,19 @@ class Ingress:
                                      "X-AI-Generated": "true"})
         return self._json(result)
 
-    @app.post("/v1/interpolate", response_model=ImagesOut, response_model_exclude_none=True)
+    @app.post("/v1/interpolate", response_model=ImagesOut, response_model_exclude_none=True,
+              responses={404: {"description": "unknown model"}, 503: {"description": "overloaded; see Retry-After"}})
     async def interpolate(self, body: InterpolateBody):
         result = await self._http(self._interpolate(body))
         return self._json(result) if isinstance(result, dict) else result
 
-    @app.post("/v1/reconstruct", response_model=ImagesOut, response_model_exclude_none=True)
+    @app.post("/v1/reconstruct", response_model=ImagesOut, response_model_exclude_none=True,
+              responses={404: {"description": "unknown model"}, 503: {"description": "overloaded; see Retry-After"}})
     async def reconstruct(self, body: ReconstructBody):
-        pngs = []
+        pngs, cap = [], self.options.max_image_bytes
         for i, text in enumerate(body.images):
+            if len(text) > 4 * (cap // 3 + 1):  # refuse before decoding
+                return JSONResponse({"error": f"images[{i}]: over the {cap}-byte limit per image"}, status_code=422)
             try:
                 pngs.append(base64.b64decode(text, validate=True))
             except ValueError:
@@ -283,6 +268,9 @@ class Ingress:
 
     @app.get("/v1/models")
     async def list_models(self):
+        return await self._http(self._list_models())
+
+    async def _list_models(self) -> dict:
         return {"default": self.default, "models": await self._infos()}
 
     @app.get("/healthz")
@@ -290,29 +278,75 @@ class Ingress:
         try:
             infos = await asyncio.wait_for(self._infos(), self.options.request_timeout_s)
         except Exception as err:  # a model deployment down or stuck
-            return JSONResponse({"status": "unavailable", "error": _cause(err)}, status_code=503)
-        return {"status": "ok", "models": {i["name"]: i["version"] for i in infos}}
+            logger.warning("healthz: %s", _cause(err)[:500])
+            return JSONResponse({"status": "unavailable", "error": "a model deployment did not answer"},
+                                status_code=503)
+        return {"status": "degraded" if any(i["degraded"] for i in infos) else "ok",
+                "models": {i["name"]: i["version"] for i in infos}}
+
+    @app.get("/openapi.json", include_in_schema=False)
+    async def openapi(self, request: Request):
+        infos = await self._infos(max_age_s=10.0)
+        generators = [i for i in infos if i["can_generate"]]
+        deployed = {"max_num_images": self.options.max_num_images, "generate": [i["name"] for i in generators],
+                    "reconstruct": [i["name"] for i in infos if i["can_reconstruct"]],
+                    "num_classes": max([i["num_classes"] for i in generators] or [0])}
+        return deployed_openapi(copy.deepcopy(request.app.openapi()), deployed)
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs(self):
+        return get_swagger_ui_html(openapi_url="/openapi.json", title="aigc-ray")
 
     # ---- gRPC (method names = service methods in serve/aigc.proto and grpc.health.v1) ------------
 
-    async def _grpc(self, grpc_context, build):
+    def _grpc_denied(self, grpc_context) -> bool:
+        import grpc
+
+        if bearer_ok(self.token, grpc_authorization(grpc_context.invocation_metadata())):
+            return False
+        self.rejected.inc(tags={"reason": "unauthorized"})
+        grpc_context.set_code(grpc.StatusCode.UNAUTHENTICATED)
+        grpc_context.set_details("authorization: missing or wrong bearer token (metadata 'authorization')")
+        return True
+
+    async def _grpc(self, grpc_context, build, empty=None):
         import grpc
 
         from aigc_ray.serving.proto import aigc_pb2
 
+        empty = empty or aigc_pb2.ImagesResponse
+        if self._grpc_denied(grpc_context):
+            return empty()
         try:
             result = await build()
         except (BadRequest, ValidationError) as err:
-            msg = _field_errors(err.errors()) if isinstance(err, ValidationError) else str(err)
-            grpc_context.set_code(grpc.StatusCode.INVALID_ARGUMENT)
-            grpc_context.set_details(msg)
-            return aigc_pb2.ImagesResponse()
+            code = grpc.StatusCode.RESOURCE_EXHAUSTED if isinstance(err, TooLarge) else grpc.StatusCode.INVALID_ARGUMENT
+            grpc_context.set_code(code)
+            grpc_context.set_details(_field_errors(err.errors()) if isinstance(err, ValidationError) else str(err))
+            return empty()
+        except (Overloaded, Unavailable) as err:
+            grpc_context.set_code(grpc.StatusCode.RESOURCE_EXHAUSTED if isinstance(err, Overloaded)
+                                  else grpc.StatusCode.UNAVAILABLE)
+            grpc_context.set_details(str(err))
+            return empty()
         except asyncio.TimeoutError:
             grpc_context.set_code(grpc.StatusCode.DEADLINE_EXCEEDED)
             grpc_context.set_details("timeout: the model did not answer in time")
-            return aigc_pb2.ImagesResponse()
-        return aigc_pb2.ImagesResponse(model=result["model"], model_version=result["model_version"],
-                                       seeds=result["seeds"], images=result["images"])
+            return empty()
+        except Exception as err:
+            grpc_context.set_code(grpc.StatusCode.INTERNAL)
+            grpc_context.set_details(self._internal("gRPC request", err))
+            return empty()
+        if isinstance(result, dict):
+            return aigc_pb2.ImagesResponse(model=result["model"], model_version=result["model_version"],
+                                           seeds=result["seeds"], images=result["images"])
+        return result
+
+    def _grpc_size(self, request) -> None:
+        size = request.ByteSize()
+        if size > self.options.max_body_bytes:  # Serve's proxy caps messages too (RAY_SERVE_GRPC_MAX_MESSAGE_SIZE)
+            self.rejected.inc(tags={"reason": "too_large"})
+            raise TooLarge(f"request: {size} bytes, over the {self.options.max_body_bytes}-byte limit")
 
     async def Generate(self, request, grpc_context):  # noqa: N802 (gRPC method name)
         def body():
@@ -329,21 +363,24 @@ class Ingress:
 
     async def Reconstruct(self, request, grpc_context):  # noqa: N802
         async def run():
+            self._grpc_size(request)
             if not request.images:
                 raise BadRequest("images: give at least one PNG image")
             return await self._reconstruct(request.model or None, list(request.images))
         return await self._grpc(grpc_context, run)
 
-    async def ListModels(self, request):  # noqa: N802
+    async def ListModels(self, request, grpc_context):  # noqa: N802
         from aigc_ray.serving.proto import aigc_pb2
 
-        models = [aigc_pb2.ModelInfo(name=i["name"], version=i["version"], family=i["family"], checkpoint=i["checkpoint"],
-                                     image_size=i["image_size"], channels=i["channels"], num_classes=i["num_classes"],
-                                     latent_dim=i["latent_dim"], card_json=json.dumps(i["card"]) if i["card"] else "",
-                                     last_error=i["last_error"]) for i in await self._infos()]
-        return aigc_pb2.ListModelsResponse(models=models)
+        async def run():
+            return aigc_pb2.ListModelsResponse(models=[aigc_pb2.ModelInfo(
+                name=i["name"], version=i["version"], family=i["family"], checkpoint=i["checkpoint"],
+                image_size=i["image_size"], channels=i["channels"], num_classes=i["num_classes"],
+                latent_dim=i["latent_dim"], card_json=json.dumps(i["card"]) if i["card"] else "",
+                last_error=i["last_error"]) for i in await self._infos()])
+        return await self._grpc(grpc_context, run, aigc_pb2.ListModelsResponse)
 
-    async def Check(self, request, grpc_context):  # noqa: N802 (grpc.health.v1.Health/Check)
+    async def Check(self, request, grpc_context):  # noqa: N802 (grpc.health.v1.Health/Check; open without a token)
         import grpc
         from grpc_health.v1 import health_pb2
 
@@ -376,18 +413,18 @@ def build_app(args: dict) -> serve.Application:
         models[name] = GeneratorModel.options(
             name=f"model-{name}", user_config={"checkpoint": uri},
             ray_actor_options={"num_cpus": options.replica_cpus, "num_gpus": options.replica_gpus},
-            max_ongoing_requests=max(256, 2 * options.max_batch_images),
+            max_ongoing_requests=options.max_ongoing_requests, max_queued_requests=options.max_queued_requests,
             autoscaling_config={"min_replicas": options.min_replicas, "max_replicas": options.max_replicas,
                                 "initial_replicas": max(1, options.min_replicas),
                                 "target_ongoing_requests": options.target_ongoing_requests,
                                 "upscale_delay_s": 5, "downscale_delay_s": 60},
-            version=_version("model", init, options.replica_cpus, options.replica_gpus), _internal=True,
+            version=_version("model", init, options.replica_cpus, options.replica_gpus, options.max_ongoing_requests,
+                             options.max_queued_requests), _internal=True,
         ).bind(**init)
     # The ingress needs no checkpoint URIs: keeping them out of its args and version means a checkpoint change
     # only reconfigures the model deployments; the ingress replica keeps running (no dropped requests).
     plain = {**dataclasses.asdict(options), "checkpoints": list(models)}
-    env = {"env_vars": {BODY_LIMIT_ENV: str(options.max_body_bytes)}}
-    return Ingress.options(ray_actor_options={"num_cpus": 0, "runtime_env": env},
+    return Ingress.options(ray_actor_options={"num_cpus": 0},
                            version=_version("ingress", sorted(models), plain), _internal=True).bind(models, plain)
 
 
@@ -405,8 +442,20 @@ def deploy(args: dict, blocking: bool = False) -> DeploymentHandle:
     return serve.run(build_app(args), name=APP_NAME, route_prefix="/", blocking=blocking)
 
 
+def check_exposure(options: ServeOptions, host: str, insecure: bool = False) -> str:
+    """The token the deployment will require ("" = none); refuses a non-loopback host without one unless
+    `insecure`. Ray's gRPC proxy binds every interface whatever `host` says, so the token guards gRPC too."""
+    from aigc_ray.serving.auth import is_loopback, resolve_token
+
+    token = resolve_token(options.api_token_env, options.api_token_file)
+    if not token and not is_loopback(host) and not insecure:
+        raise ValueError(f"--host {host}: serving beyond this machine needs a bearer token (set {options.api_token_env} "
+                         "or --api-token-file), or --insecure to serve without one")
+    return token
+
+
 def run_until_interrupted(args: dict, host: str = "127.0.0.1", http_port: int = 8000, grpc_port: int = 9000,
-                          address: str | None = None) -> int:
+                          address: str | None = None, insecure: bool = False) -> int:
     """`aigc-ray serve`: deploy, print the endpoints, block until Ctrl-C, then shut Serve down."""
     import signal
     import time
@@ -417,13 +466,16 @@ def run_until_interrupted(args: dict, host: str = "127.0.0.1", http_port: int = 
         raise KeyboardInterrupt
 
     options = ServeOptions(**args)  # validate before starting anything
+    token = check_exposure(options, host, insecure)
+    # Serve's gRPC proxy reads its message cap from the environment it starts in (a local Ray inherits ours)
+    os.environ.setdefault("RAY_SERVE_GRPC_MAX_MESSAGE_SIZE", str(options.max_body_bytes + 64 * 1024))
     signal.signal(signal.SIGTERM, _stop)  # `kill`, container stop: same clean shutdown as Ctrl-C
     ray.init(address=address or os.environ.get("RAY_ADDRESS"), ignore_reinit_error=True)
     try:
         start(host, http_port, grpc_port, options.request_timeout_s)
         deploy(dataclasses.asdict(options))
         print(f"serving {', '.join(options.models())}: http://{host}:{http_port}/docs  grpc {host}:{grpc_port} "
-              "(Ctrl-C to stop)", flush=True)
+              f"{'(bearer token required) ' if token else ''}(Ctrl-C to stop)", flush=True)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:

@@ -4,6 +4,9 @@
 read through pyarrow). Serve calls `reconfigure()` on start and whenever the user_config changes;
 a new checkpoint is loaded and test-run before it replaces the old one, so a bad URI leaves the old
 model serving and the reason is kept in `info()["last_error"]` (shown by /v1/models) and the log.
+Only a checkpoint that loaded and passed that test run is recorded as last known good (serving/lkg.py);
+a replica started later whose configured checkpoint fails serves that one instead, marked degraded
+(`info()["degraded"]`, the aigc_model_degraded gauge), rather than failing its constructor forever.
 
 Requests are validated here (against the model that will serve them) and split into chunks of at
 most `max_batch_images` images; `@serve.batch` then packs chunks from many requests into one
@@ -20,11 +23,13 @@ from typing import Any
 
 import numpy as np
 from ray import serve
-from ray.serve.metrics import Counter, Histogram
+from ray.serve.metrics import Counter, Gauge, Histogram
 
 from aigc_ray import storage
 from aigc_ray.models.checkpoint import read_card
 from aigc_ray.pipeline import GeneratorPipeline, PipelineError, png_bytes
+from aigc_ray.serving import lkg
+from aigc_ray.serving.png import BadImage, check_png
 
 logger = logging.getLogger("ray.serve")
 
@@ -58,6 +63,10 @@ class GeneratorModel:
         self.checkpoint = ""
         self.card: dict | None = None
         self.last_error = ""
+        self.requested = ""  # the checkpoint user_config asks for; differs from self.checkpoint when degraded
+        self.lkg_key = f"{serve.get_replica_context().app_name}/{name}"
+        self.degraded_gauge = Gauge("aigc_model_degraded", description="1 while a model serves an older checkpoint "
+                                    "than the one configured (that one failed to load).", tag_keys=("model",))
         self._generate_batch.set_max_batch_size(max_batch_images)
         self._generate_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
         tags = ("model", "model_version")
@@ -72,22 +81,44 @@ class GeneratorModel:
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         uri = str((user_config or {}).get("checkpoint", ""))
-        if self.pipe is not None and uri == self.checkpoint:
+        if self.pipe is not None and uri == self.requested:  # unchanged (Serve also calls this on start)
             return
+        self.requested = uri
         started = time.perf_counter()
         try:
             pipe, card = self._load(uri)
-        except Exception as err:  # any failure: keep what serves now
+        except Exception as err:  # any failure: keep what serves now, or fall back to the last known good
+            reason = f"checkpoint {uri!r} failed to load ({type(err).__name__}: {str(err)[:300]})"
             if self.pipe is None:
-                raise  # nothing to fall back to: the replica must not come up half-loaded
-            self.last_error = f"checkpoint {uri!r} failed to load ({type(err).__name__}: {err}); " \
-                              f"still serving {self.pipe.version} from {self.checkpoint!r}"
+                self._fall_back(reason)
+            self.last_error = f"{reason}; still serving {self.pipe.version} from {self.checkpoint!r}"
+            self.degraded_gauge.set(1, tags={"model": self.name})
             logger.error("model %s: %s", self.name, self.last_error)
             return
         old = self.pipe.version if self.pipe else None
-        self.pipe, self.card, self.checkpoint, self.last_error = pipe, card, uri, ""
+        self._serve(pipe, card, uri)
+        lkg.remember(self.lkg_key, {"checkpoint": uri, "version": pipe.version})
         logger.info("model %s: serving %s from %s (was %s; loaded in %.2fs)", self.name, pipe.version, uri, old,
                     time.perf_counter() - started)
+
+    def _serve(self, pipe: GeneratorPipeline, card: dict | None, uri: str) -> None:
+        self.pipe, self.card, self.checkpoint = pipe, card, uri
+        self.last_error = "" if uri == self.requested else self.last_error
+        self.degraded_gauge.set(0 if uri == self.requested else 1, tags={"model": self.name})
+
+    def _fall_back(self, reason: str) -> None:
+        """A new replica (restart, scale-up, another node) whose configured checkpoint does not load serves the
+        last one that loaded and passed its test run on any replica of this model; with none, it fails."""
+        good = lkg.recall(self.lkg_key)
+        if not good or good.get("checkpoint") in (None, self.requested):
+            raise RuntimeError(f"model {self.name}: {reason}; no last-known-good checkpoint to fall back to")
+        try:
+            pipe, card = self._load(good["checkpoint"])
+        except Exception as err:
+            raise RuntimeError(f"model {self.name}: {reason}; the last known good {good['checkpoint']!r} failed too "
+                               f"({type(err).__name__}: {str(err)[:300]})") from None
+        self._serve(pipe, card, good["checkpoint"])
+        logger.warning("model %s: %s; fell back to the last known good %s", self.name, reason, good["checkpoint"])
 
     @staticmethod
     def _load(uri: str) -> tuple[GeneratorPipeline, dict | None]:
@@ -114,7 +145,8 @@ class GeneratorModel:
         return {"name": self.name, "version": p.version, "family": p.family, "checkpoint": self.checkpoint,
                 "image_size": p.image_size, "channels": p.channels, "num_classes": p.num_classes,
                 "latent_dim": p.latent_dim, "can_generate": p.can_generate, "can_reconstruct": p.can_reconstruct,
-                "card": self.card, "last_error": self.last_error}
+                "card": self.card, "requested": self.requested, "degraded": self.checkpoint != self.requested,
+                "last_error": self.last_error}
 
     def check_health(self) -> None:
         if self.pipe is None:
@@ -192,26 +224,36 @@ class GeneratorModel:
                 "images": [png_bytes(img, text) for img in images]}
 
     async def reconstruct(self, pngs: list[bytes]) -> dict[str, Any]:
-        import torch
-        from torchvision.io import ImageReadMode, decode_image
-
         pipe = self.pipe
         if not pipe.can_reconstruct:
             raise BadRequest(f"model: {self.name} ({pipe.family}) has no encoder; reconstruct needs a vae or ae model")
-        mode = ImageReadMode.GRAY if pipe.channels == 1 else ImageReadMode.RGB
-        decoded = []
-        for i, data in enumerate(pngs):
+        for i, data in enumerate(pngs):  # header only: nothing is inflated before its size is known to be right
             try:
-                img = decode_image(_as_tensor(data), mode=mode)
-            except Exception as err:
-                raise BadRequest(f"images[{i}]: not a decodable PNG/JPEG image ({type(err).__name__})") from None
-            if tuple(img.shape[1:]) != (pipe.image_size, pipe.image_size):
-                raise BadRequest(f"images[{i}]: expected {pipe.image_size}x{pipe.image_size} pixels, "
-                                 f"got {img.shape[2]}x{img.shape[1]}")
-            decoded.append(img)
-        out = await asyncio.to_thread(pipe.reconstruct, torch.stack(decoded))
+                check_png(data, pipe.image_size, pipe.channels)
+            except BadImage as err:
+                raise BadRequest(f"images[{i}]: {err}") from None
+        batch = await asyncio.to_thread(_decode_pngs, pngs, pipe.channels)  # (N, C, H, W) uint8, off the event loop
+        try:
+            out = await asyncio.to_thread(pipe.reconstruct, batch)
+        except PipelineError as err:
+            raise BadRequest(f"images: {err}") from None
         return {"model": self.name, "model_version": pipe.version, "seeds": [],
                 "images": [png_bytes(img, png_text(pipe.version)) for img in out]}
+
+
+def _decode_pngs(pngs: list[bytes], channels: int):
+    """Decode header-checked PNGs; libpng never writes past the declared (checked) size."""
+    import torch
+    from torchvision.io import ImageReadMode, decode_png
+
+    mode = ImageReadMode.GRAY if channels == 1 else ImageReadMode.RGB
+    decoded = []
+    for i, data in enumerate(pngs):
+        try:
+            decoded.append(decode_png(_as_tensor(data), mode=mode))
+        except Exception as err:  # a corrupt stream after a good header
+            raise BadRequest(f"images[{i}]: not a decodable PNG ({type(err).__name__})") from None
+    return torch.stack(decoded)
 
 
 def _as_tensor(data: bytes):

@@ -30,7 +30,7 @@ from ray.train.torch import TorchTrainer
 
 from aigc_ray import storage
 from aigc_ray.config import ExperimentConfig
-from aigc_ray.data.pipeline import ensure_prepared, train_dataset
+from aigc_ray.data.pipeline import ensure_prepared, load_split, train_dataset
 from aigc_ray.data.prepare import read_manifest
 from aigc_ray.models.checkpoint import load_train_state, save_checkpoint
 from aigc_ray.pipeline import grid_png, to_uint8
@@ -52,12 +52,14 @@ REPORT_POLL_S = 0.2  # how often Train's controller collects reports (see build_
 class ShardBatches:
     """Batches of this worker's shard: streamed through Ray Data the first epoch, then, if
     the shard is small, replayed from memory on the training device with a fresh
-    per-epoch permutation (no re-decoding, no host-to-device copies)."""
+    per-epoch permutation (no re-decoding, no host-to-device copies). ``preloaded``: the shard
+    already decoded (a dataset small enough to skip Ray Data, see ``fits_in_memory``)."""
 
-    def __init__(self, shard, batch_size: int, device: torch.device, cache_limit_mb: int, seed: int):
+    def __init__(self, shard, batch_size: int, device: torch.device, cache_limit_mb: int, seed: int,
+                 preloaded: tuple[torch.Tensor, torch.Tensor] | None = None):
         self.shard, self.batch_size, self.device, self.seed = shard, batch_size, device, seed
         self.cache_limit = cache_limit_mb * 2**20
-        self.cached: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.cached = None if preloaded is None else (preloaded[0].to(device), preloaded[1].to(device))
         self.first_images: torch.Tensor | None = None  # uint8 (<= GRID_SIDE^2, C, S, S): the first seen
 
     def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -140,10 +142,16 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if rank == 0:
             _say(f"resuming from {checkpoint.path} at epoch {start_epoch + 1}, step {engine.step}")
 
-    # [3] dataset shard: this worker's disjoint share of the training rows
+    # [3] dataset shard: this worker's disjoint share of the training rows (a dataset that fits in
+    # the in-memory cache is read straight from its Parquet shards: Ray Data's start-up would cost
+    # more than the whole decode)
     local_batch = cfg.train.batch_size // world
-    batches = ShardBatches(ray.train.get_dataset_shard("train"), local_batch, device,
-                           cfg.data.cache_in_memory_mb, cfg.train.seed * 1000 + rank)
+    preloaded = None
+    if loop_config.get("in_memory"):
+        images, labels = load_split(dataset_info["prepared"], "train")
+        preloaded = images[rank::world], labels[rank::world]
+    batches = ShardBatches(None if preloaded else ray.train.get_dataset_shard("train"), local_batch, device,
+                           cfg.data.cache_in_memory_mb, cfg.train.seed * 1000 + rank, preloaded)
     z_fixed, labels_fixed = fixed_noise(cfg, device)
     history = read_history(run_dir) if rank == 0 else []
     t = cfg.train
@@ -168,7 +176,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 # scheduler then decides on this epoch's FID before the next epoch trains
                 from aigc_ray.eval.quality import flat_metrics, score_checkpoint
 
-                card = score_checkpoint(tmp, cfg.eval.num_samples, cfg.eval.seed)
+                card = score_checkpoint(tmp, cfg.eval.num_samples, cfg.eval.seed, own_checkpoint=True)
                 Path(tmp, "card.json").write_text(json.dumps(card, indent=2))
                 metrics = metrics | flat_metrics(card)
                 record_eval(run_dir, card, flat_metrics(card), f"epoch {epoch}")
@@ -297,6 +305,15 @@ def cpus_per_worker(cfg: ExperimentConfig) -> int:
     return max(1, total // cfg.train.workers)
 
 
+def fits_in_memory(cfg: ExperimentConfig, manifest: dict) -> bool:
+    """A worker's decoded share of the training split fits in its shard cache
+    (data.cache_in_memory_mb): it then reads the Parquet shards itself instead of through Ray Data.
+    Measured on the default run (1,437 digits, 16x16): Ray Data's first pass took 11 s (127 img/s)."""
+    m = cfg.model
+    decoded = manifest["counts"]["train"] * m.channels * m.image_size ** 2 / cfg.train.workers
+    return 0 < decoded <= cfg.data.cache_in_memory_mb * 2**20
+
+
 def build_trainer(cfg: ExperimentConfig, *, callbacks=(), validation_config=None,
                   checkpoint_score: str | None = None, init_checkpoint: Checkpoint | None = None,
                   inline_eval: bool = False) -> tuple[TorchTrainer, str]:
@@ -313,6 +330,7 @@ def build_trainer(cfg: ExperimentConfig, *, callbacks=(), validation_config=None
         raise ValueError(f"model.num_classes={cfg.model.num_classes} but {cfg.data.dataset} has "
                          f"{manifest['num_classes']} classes")
     cpus = cpus_per_worker(cfg)
+    in_memory = fits_in_memory(cfg, manifest)
     # Train V2's controller takes one report per poll of the workers (each worker's report
     # queue holds one) and polls every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s by default): a
     # worker whose epochs are shorter than that waits in every report. The driver's value is
@@ -326,7 +344,7 @@ def build_trainer(cfg: ExperimentConfig, *, callbacks=(), validation_config=None
         train_loop_config={"experiment": cfg.to_dict(), "dataset": dataset_info, "run_dir": run_dir,
                            "cpus_per_worker": cpus, "init_checkpoint": init_checkpoint,
                            "validate": validation_config is not None or inline_eval,
-                           "inline_eval": inline_eval, "unscored_fid": own_validation},
+                           "inline_eval": inline_eval, "unscored_fid": own_validation, "in_memory": in_memory},
         scaling_config=ScalingConfig(num_workers=cfg.train.workers, use_gpu=cfg.train.use_gpu,
                                      resources_per_worker={"CPU": cpus}),
         run_config=RunConfig(
@@ -337,13 +355,14 @@ def build_trainer(cfg: ExperimentConfig, *, callbacks=(), validation_config=None
                 num_to_keep=cfg.train.keep_checkpoints,
                 checkpoint_score_attribute=checkpoint_score, checkpoint_score_order="min"),
             callbacks=list(callbacks), logging_config=LoggingConfig(log_level="WARNING")),
-        datasets={"train": train_dataset(prepared)},
+        datasets={} if in_memory else {"train": train_dataset(prepared)},
         validation_config=validation_config,
     )
     return trainer, run_dir
 
 
 def run_training(cfg: ExperimentConfig, *, address: str | None = None) -> TrainingOutcome:
+    ensure_prepared(cfg.data, cfg.train.seed)  # a bad dataset fails here, before Ray starts
     init_ray(address, cfg.train.workers)
     trainer, run_dir = build_trainer(cfg)
     result = trainer.fit()

@@ -36,7 +36,7 @@ def validate(checkpoint: ray.train.Checkpoint, run_dir: str, num_samples: int, s
         run_in_background()
 
     with checkpoint.as_directory() as local:
-        card = score_checkpoint(local, num_samples, seed)
+        card = score_checkpoint(local, num_samples, seed, own_checkpoint=True)  # this run's own
     with checkpoint.filesystem.open_output_stream(f"{checkpoint.path}/card.json") as f:
         f.write(json.dumps(card, indent=2).encode())
     metrics = flat_metrics(card)

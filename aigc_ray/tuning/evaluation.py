@@ -32,11 +32,11 @@ def unavailable() -> str:
 
 
 def score_checkpoint(directory: str, num_samples: int | None = None, seed: int = 0, write_card: bool = False) -> dict:
-    """FID, KID, floor and ratio of a local checkpoint directory."""
+    """FID, KID, floor and ratio of a local checkpoint directory (a trial's own)."""
     fn, missing = _evaluate_fn()
     if fn is None:
         raise RuntimeError(missing)
-    return dict(fn(directory, num_samples=num_samples, seed=seed, write_card=write_card))
+    return dict(fn(directory, num_samples=num_samples, seed=seed, write_card=write_card, own_checkpoint=True))
 
 
 def _queue():

@@ -1,0 +1,188 @@
+"""Quality-gated promotion: does a candidate's quality card beat the served model's, on the same protocol?
+
+Pure functions over quality cards (aigc_ray.eval.quality, format aigc-ray-card/1), no Ray, no
+torch, so the rule is easy to test and to read:
+
+- Two cards are comparable only when they were measured the same way: same card format, same
+  dataset content (content hash), same sample count N and same seed. Another dataset is a hard
+  error (nothing to re-score against); another N or seed can be fixed by re-scoring the candidate
+  on the served card's protocol (the CLI does that when the dataset is at hand).
+- The candidate is promoted when its metric (default: domain FID, lower is better) improves on
+  the served one by at least ``min_gain``, relative: gain = (current - candidate) / current for a
+  lower-is-better metric, (candidate - current) / current otherwise.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+PROTOCOL_FIELDS = ("content_hash", "num_samples", "seed")  # what "measured the same way" means
+RESCORABLE = ("num_samples", "seed")  # differences a re-score on the served card's protocol removes
+INTERFACE_FIELDS = ("image_size", "channels", "num_classes", "latent_dim")  # what clients of NAME rely on
+
+
+class PromotionError(ValueError):
+    """The cards can't be compared (or a checkpoint can't replace the served one); the message says why."""
+
+
+class ProtocolMismatch(PromotionError):
+    """The cards were measured differently; ``differences`` lists (field, current, candidate)."""
+
+    def __init__(self, differences: list[tuple[str, Any, Any]], rescorable: bool):
+        self.differences, self.rescorable = differences, rescorable
+        what = "; ".join(f"{f}: served {cur!r} vs candidate {cand!r}" for f, cur, cand in differences)
+        hint = ("re-score the candidate with `aigc-ray eval --checkpoint P --num-samples N --seed S` on the served "
+                "card's protocol" if rescorable else "a card measured on another dataset can't be compared")
+        super().__init__(f"quality cards measured on different protocols ({what}); {hint}")
+
+
+@dataclass(frozen=True)
+class Verdict:
+    promote: bool
+    metric: str
+    current: float
+    candidate: float
+    gain: float
+    """Relative improvement of the candidate (positive = better), e.g. 0.12 = 12% better."""
+    min_gain: float
+    reason: str
+
+
+def protocol_of(card: dict[str, Any]) -> dict[str, Any]:
+    p = card.get("protocol") or {}
+    return {"format": card.get("format"), "dataset": p.get("dataset"), **{f: p.get(f) for f in PROTOCOL_FIELDS}}
+
+
+def protocol_differences(current: dict[str, Any], candidate: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    a, b = protocol_of(current), protocol_of(candidate)
+    return [(f, a[f], b[f]) for f in ("format", *PROTOCOL_FIELDS) if a[f] != b[f]]
+
+
+def check_comparable(current: dict[str, Any], candidate: dict[str, Any]) -> None:
+    """Raise ProtocolMismatch naming each difference (rescorable when only N / seed differ)."""
+    diffs = protocol_differences(current, candidate)
+    if diffs:
+        dataset = [("dataset", protocol_of(current)["dataset"], protocol_of(candidate)["dataset"])]
+        named = dataset + diffs if any(f == "content_hash" for f, _, _ in diffs) else diffs
+        raise ProtocolMismatch(named, rescorable=all(f in RESCORABLE for f, _, _ in diffs))
+
+
+def interface_differences(current: dict[str, Any], candidate: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """What a client of the served name would notice changing (sizes, classes): (field, current, candidate)."""
+    return [(f, current.get(f), candidate.get(f)) for f in INTERFACE_FIELDS if current.get(f) != candidate.get(f)]
+
+
+def relative_gain(current: float, candidate: float, lower_is_better: bool) -> float:
+    better_by = (current - candidate) if lower_is_better else (candidate - current)
+    if abs(current) < 1e-12:
+        return math.inf if better_by > 0 else (0.0 if better_by == 0 else -math.inf)
+    return better_by / abs(current)
+
+
+def compare_cards(current: dict[str, Any], candidate: dict[str, Any], metric: str = "fid",
+                  min_gain: float = 0.05) -> Verdict:
+    """The promotion decision for `candidate` against the served `current` card (same protocol required)."""
+    if not min_gain >= 0:
+        raise PromotionError(f"min_gain: must be >= 0, got {min_gain}")
+    check_comparable(current, candidate)
+    values = []
+    for who, card in (("served", current), ("candidate", candidate)):
+        value = (card.get("metrics") or {}).get(metric)
+        if not isinstance(value, (int, float)) or math.isnan(value):
+            have = ", ".join(sorted(card.get("metrics") or {})) or "none"
+            raise PromotionError(f"metric: the {who} card has no {metric!r} (it has: {have})")
+        values.append(float(value))
+    lower = metric in (current.get("lower_is_better") or ("fid", "kid"))
+    cur, cand = values
+    gain = relative_gain(cur, cand, lower)
+    promote = gain >= min_gain
+    direction = "lower" if lower else "higher"
+    reason = (f"{metric} {cand:.4g} vs served {cur:.4g} ({direction} is better): "
+              f"{'better' if gain > 0 else 'not better'} by {gain:+.1%}, "
+              f"{'meets' if promote else 'below'} the required {min_gain:.1%}")
+    return Verdict(promote, metric, cur, cand, gain, min_gain, reason)
+
+
+def side_by_side(current: dict[str, Any], candidate: dict[str, Any]) -> str:
+    """Both cards as one table: metric | served | candidate | floor | change (relative, + = better)."""
+    lower = set(current.get("lower_is_better") or ("fid", "kid"))
+    names = [m for m in (current.get("metrics") or {}) if m in (candidate.get("metrics") or {}) and m != "kid_std"]
+    rows = [("metric", "served", "candidate", "floor", "change"),
+            ("", str(current.get("model_version", "?")), str(candidate.get("model_version", "?")), "", "")]
+    for m in names:
+        cur, cand = current["metrics"][m], candidate["metrics"][m]
+        floor = (current.get("floor") or {}).get(m)
+        change = relative_gain(cur, cand, m in lower)
+        rows.append((m + (" (lower is better)" if m in lower else ""), f"{cur:.4g}", f"{cand:.4g}",
+                     "-" if floor is None else f"{floor:.4g}", f"{change:+.1%}" if math.isfinite(change) else "-"))
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
+    lines.insert(2, "-" * len(lines[0]))
+    a, b = protocol_of(current), protocol_of(candidate)
+    for who, p in (("served", a), ("candidate", b)):
+        lines.append(f"{who}: {p['num_samples']} samples of {p['dataset']} [{str(p['content_hash'])[:12]}], "
+                     f"seed {p['seed']}")
+    return "\n".join(lines)
+
+
+# ---- where the cards come from (checkpoints, a sweep's output, a running server); no Ray ---------------
+
+
+def sweep_candidate(sweep_dir: str) -> str:
+    """The checkpoint `aigc-ray tune --out DIR` exported as its best (DIR/summary.json, else DIR/best)."""
+    import json
+    from pathlib import Path
+
+    summary = Path(sweep_dir) / "summary.json"
+    if summary.is_file():
+        exported = json.loads(summary.read_text()).get("exported")
+        if exported:
+            return str(exported)
+    if (Path(sweep_dir) / "best" / "config.json").is_file():
+        return str(Path(sweep_dir) / "best")
+    raise PromotionError(f"sweep: {sweep_dir} has no exported best checkpoint (no summary.json 'exported', no best/)")
+
+
+def checkpoint_card(checkpoint: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(card, interface) of a checkpoint; interface = the INTERFACE_FIELDS of its model config."""
+    from aigc_ray import storage
+    from aigc_ray.models.checkpoint import read_card, read_meta
+
+    local = storage.localize(checkpoint)
+    model = read_meta(local)["model"]
+    card = read_card(local)
+    if card is None:
+        raise PromotionError(f"checkpoint: {checkpoint} has no quality card (card.json); "
+                             f"run `aigc-ray eval --checkpoint {checkpoint}` first")
+    return card, {f: model.get(f) for f in INTERFACE_FIELDS}
+
+
+def served_card(url: str, name: str, timeout_s: float = 10.0) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(card, interface) of the model `name` a running server reports at GET {url}/v1/models."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{url.rstrip('/')}/v1/models", timeout=timeout_s) as response:
+            models = json.loads(response.read())["models"]
+    except (OSError, urllib.error.URLError, ValueError, KeyError) as err:
+        raise PromotionError(f"url: can't read {url.rstrip('/')}/v1/models within {timeout_s:g}s ({err})") from None
+    info = next((m for m in models if m.get("name") == name), None)
+    if info is None:
+        raise PromotionError(f"model: {url} serves no model {name!r} (it serves: "
+                             f"{', '.join(m.get('name', '?') for m in models) or 'none'})")
+    if not info.get("card"):
+        raise PromotionError(f"model: {name} ({info.get('version')}) serves without a quality card; "
+                             f"run `aigc-ray eval --checkpoint {info.get('checkpoint')}` and reload it")
+    return info["card"], {f: info.get(f) for f in INTERFACE_FIELDS}
+
+
+def rescore_like(checkpoint: str, reference: dict[str, Any]) -> dict[str, Any]:
+    """The candidate's card re-measured on `reference`'s sample count and seed (needs the dataset locally)."""
+    from aigc_ray.eval import evaluate_checkpoint
+
+    p = reference["protocol"]
+    return evaluate_checkpoint(checkpoint, num_samples=p["num_samples"], seed=p["seed"], write_card=False)["card"]

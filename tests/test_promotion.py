@@ -1,0 +1,167 @@
+"""Quality-gated promotion: the comparison rule (pure) and `aigc-ray promote` on real checkpoints. No Ray."""
+
+from __future__ import annotations
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+from test_export import make_checkpoint
+
+from aigc_ray.cli import main as cli_main
+from aigc_ray.promotion import (
+    PromotionError,
+    ProtocolMismatch,
+    compare_cards,
+    side_by_side,
+    sweep_candidate,
+)
+
+HASH = "8d80d48128cf3bdaf72d32aff8490588664ef39cc8b1e11d2979246890cae813"
+
+
+def card(fid: float, version: str = "dcgan-s1-aaaa", **protocol) -> dict:
+    p = {"dataset": "digits", "content_hash": HASH, "num_samples": 64, "seed": 0, **protocol}
+    return {"format": "aigc-ray-card/1", "model_version": version, "lower_is_better": ["fid", "kid"],
+            "metrics": {"fid": fid, "kid": fid / 10, "kid_std": 0.1, "precision": 0.5},
+            "floor": {"fid": 4.0, "kid": 0.0, "kid_std": 0.1, "precision": 1.0}, "protocol": p}
+
+
+def test_better_by_the_margin_is_promoted_worse_or_marginal_is_refused():
+    v = compare_cards(card(20.0), card(10.0), min_gain=0.05)
+    assert v.promote and v.gain == pytest.approx(0.5) and "better by +50.0%" in v.reason
+    v = compare_cards(card(20.0), card(19.5), min_gain=0.05)  # 2.5% better: not enough
+    assert not v.promote and v.gain == pytest.approx(0.025) and "below the required 5.0%" in v.reason
+    v = compare_cards(card(20.0), card(25.0))
+    assert not v.promote and v.gain < 0 and "not better" in v.reason
+    assert compare_cards(card(20.0), card(19.5), min_gain=0.0).promote
+    # higher-is-better metric: the direction flips
+    hi, lo = card(20.0), card(20.0)
+    hi["metrics"]["precision"], lo["metrics"]["precision"] = 0.9, 0.5
+    assert compare_cards(lo, hi, metric="precision").promote and not compare_cards(hi, lo, metric="precision").promote
+
+
+def test_cards_on_another_protocol_are_not_compared():
+    with pytest.raises(ProtocolMismatch) as err:
+        compare_cards(card(20.0), card(1.0, content_hash="f" * 64, dataset="mnist"))
+    assert not err.value.rescorable
+    assert "dataset: served 'digits' vs candidate 'mnist'" in str(err.value) and "content_hash" in str(err.value)
+    assert "another dataset" in str(err.value)
+    with pytest.raises(ProtocolMismatch) as err:
+        compare_cards(card(20.0), card(1.0, num_samples=128, seed=3))
+    assert err.value.rescorable and {f for f, _, _ in err.value.differences} == {"num_samples", "seed"}
+    with pytest.raises(PromotionError, match=r"metric: the candidate card has no 'precision' \(it has: fid\)"):
+        compare_cards(card(20.0), {**card(1.0), "metrics": {"fid": 1.0}}, metric="precision")
+    with pytest.raises(PromotionError, match="min_gain"):
+        compare_cards(card(20.0), card(1.0), min_gain=-1)
+
+
+def test_side_by_side_shows_both_cards():
+    text = side_by_side(card(20.0, "dcgan-s1-old"), card(25.0, "dcgan-s9-new"))
+    assert "dcgan-s1-old" in text and "dcgan-s9-new" in text
+    fid = next(line for line in text.splitlines() if line.startswith("fid"))
+    assert fid.split()[-4:] == ["20", "25", "4", "-25.0%"]
+    assert "kid_std" not in text and "64 samples of digits" in text
+
+
+def _checkpoint(tmp_path, name: str, fid: float, **protocol):
+    c = card(fid, version=name, **protocol)
+    return str(make_checkpoint(tmp_path / name, "dcgan", card=c)), c
+
+
+def test_cli_promote_refuses_a_worse_candidate_and_accepts_a_better_one(tmp_path, capsys):
+    served, _ = _checkpoint(tmp_path, "served", 20.0)
+    worse, _ = _checkpoint(tmp_path, "worse", 24.0)
+    better, _ = _checkpoint(tmp_path, "better", 12.0)
+    assert cli_main(["promote", "--model", "digits", "--checkpoint", worse, "--served", served]) == 1
+    out = capsys.readouterr().out
+    assert "REFUSED" in out and "served" in out and "worse" in out and "-20.0%" in out  # both cards side by side
+    assert cli_main(["promote", "--model", "digits", "--checkpoint", better, "--served", served]) == 0
+    assert "PROMOTE" in capsys.readouterr().out
+    assert cli_main(["promote", "--model", "digits", "--checkpoint", better, "--served", served, "--min-gain", "0.5"]) == 1
+
+
+def test_cli_promote_bad_input(tmp_path, capsys):
+    served, _ = _checkpoint(tmp_path, "served", 20.0)
+    other, _ = _checkpoint(tmp_path, "other", 1.0, content_hash="f" * 64, dataset="shapes")
+    assert cli_main(["promote", "--model", "digits", "--checkpoint", other, "--served", served]) == 2
+    err = capsys.readouterr().err
+    assert "dataset: served 'digits' vs candidate 'shapes'" in err
+    resampled, _ = _checkpoint(tmp_path, "resampled", 1.0, num_samples=128)
+    assert cli_main(["promote", "--model", "digits", "--checkpoint", resampled, "--served", served,
+                     "--no-rescore"]) == 2
+    assert "num_samples: served 64 vs candidate 128" in capsys.readouterr().err
+    bare = str(make_checkpoint(tmp_path / "bare", "dcgan"))
+    assert cli_main(["promote", "--model", "digits", "--checkpoint", bare, "--served", served]) == 2
+    assert "no quality card" in capsys.readouterr().err
+    conditional = str(make_checkpoint(tmp_path / "cond", "dcgan", card=card(1.0), num_classes=3))
+    assert cli_main(["promote", "--model", "digits", "--checkpoint", conditional, "--served", served]) == 2
+    assert "num_classes 0 -> 3" in capsys.readouterr().err
+    assert cli_main(["promote", "--model", "digits", "--sweep", str(tmp_path / "nosweep"), "--served", served]) == 2
+    assert "no exported best checkpoint" in capsys.readouterr().err
+
+
+def test_sweep_candidate_is_the_exported_best(tmp_path):
+    best, _ = _checkpoint(tmp_path / "sweep", "best", 5.0)
+    assert sweep_candidate(str(tmp_path / "sweep")) == best
+    (tmp_path / "sweep" / "summary.json").write_text(json.dumps({"exported": "/elsewhere/best"}))
+    assert sweep_candidate(str(tmp_path / "sweep")) == "/elsewhere/best"
+
+
+def test_cli_promote_reads_the_served_card_over_http(tmp_path, capsys):
+    served_card = card(20.0, "dcgan-s1-live")
+    models = {"default": "digits", "models": [{"name": "digits", "version": "dcgan-s1-live", "card": served_card,
+                                               "image_size": 8, "channels": 1, "num_classes": 0, "latent_dim": 8}]}
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            body = json.dumps(models if self.path == "/v1/models" else {}).encode()
+            self.send_response(200 if self.path == "/v1/models" else 404)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        better, _ = _checkpoint(tmp_path, "better", 10.0)
+        assert cli_main(["promote", "--model", "digits", "--checkpoint", better, "--url", url]) == 0
+        assert "dcgan-s1-live" in capsys.readouterr().out
+        assert cli_main(["promote", "--model", "faces", "--checkpoint", better, "--url", url]) == 2
+        assert "serves no model 'faces' (it serves: digits)" in capsys.readouterr().err
+        models["models"][0] = {**models["models"][0], "card": None}
+        assert cli_main(["promote", "--model", "digits", "--checkpoint", better, "--url", url]) == 2
+        assert "serves without a quality card" in capsys.readouterr().err
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert cli_main(["promote", "--model", "digits", "--checkpoint", better, "--url", url]) == 2
+    assert "can't read" in capsys.readouterr().err
+
+
+
+def test_cli_promote_rescores_a_candidate_measured_with_another_count_and_seed(tmp_path, data_root, capsys):
+    """Real prepared digits and feature net: the candidate's card (100 samples, seed 3) is re-measured on
+    the served card's protocol (64 samples, seed 0) before the comparison."""
+    from test_eval import _prepared, _untrained_checkpoint
+
+    from aigc_ray.data.prepare import read_manifest
+    from aigc_ray.models.checkpoint import read_card, write_card
+
+    cfg, prepared = _prepared(tmp_path, data_root)
+    content_hash = read_manifest(prepared)["content_hash"]
+    served, _ = _checkpoint(tmp_path, "served", 1e6, content_hash=content_hash)  # any real FID beats it
+    candidate = _untrained_checkpoint(tmp_path / "candidate", cfg, prepared)
+    write_card(candidate, card(1.0, "candidate", content_hash=content_hash, num_samples=100, seed=3))
+    code = cli_main(["promote", "--model", "digits", "--checkpoint", candidate, "--served", served])
+    captured = capsys.readouterr()
+    assert "re-scoring" in captured.err and "num_samples: served 64 vs candidate 100" in captured.err
+    rescored = captured.out.split("candidate:")[-1]
+    assert "64 samples of digits" in rescored and "seed 0" in rescored
+    assert code == 0 and "PROMOTE" in captured.out
+    assert read_card(candidate)["protocol"]["num_samples"] == 100  # the re-score is not written over its card
