@@ -46,7 +46,13 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
     path = storage.join(str(directory), MANIFEST)
     if not storage.exists(path):
         raise PrepareError(f"{directory} is not a prepared dataset (no {MANIFEST}); run `aigc-ray prepare`")
-    return json.loads(storage.read_bytes(path))
+    try:
+        manifest = json.loads(storage.read_bytes(path))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise PrepareError(f"{path} is not valid JSON ({err}); prepare the dataset again") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+        raise PrepareError(f"{path} is not a {MANIFEST_FORMAT} manifest; prepare the dataset again")
+    return manifest
 
 
 def shard_files(directory: str | Path, split: str) -> list[str]:

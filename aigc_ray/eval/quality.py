@@ -235,10 +235,8 @@ def evaluate_checkpoint(checkpoint_dir: str, num_samples: int | None = None, see
 
 
 def write_card_to(checkpoint_dir: str, local: str, card: dict[str, Any]) -> None:
-    import json
-
     if storage.is_uri(checkpoint_dir):
-        storage.write_bytes(storage.join(checkpoint_dir, "card.json"), json.dumps(card, indent=2).encode())
+        storage.write_json(storage.join(checkpoint_dir, "card.json"), card)
     write_card(local, card)
 
 

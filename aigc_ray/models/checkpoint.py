@@ -29,6 +29,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch.overrides import TorchFunctionMode
 
+from aigc_ray import storage
 from aigc_ray.config import ConfigError, ExperimentConfig, ModelConfig
 from aigc_ray.models import build_generator
 
@@ -55,7 +56,7 @@ def save_checkpoint(directory: str | Path, *, experiment: ExperimentConfig, serv
     save_file(tensors, str(directory / WEIGHTS), metadata={"format": FORMAT})
     meta = {"format": FORMAT, "model": experiment.to_dict()["model"], "experiment": experiment.to_dict(),
             "step": step, "epoch": epoch, "ema": ema, "dataset": dataset}
-    (directory / CONFIG).write_text(json.dumps(meta, indent=2))
+    storage.write_json(str(directory / CONFIG), meta)
     if train_state is not None:
         torch.save(train_state, directory / TRAIN_STATE)
     return directory
@@ -165,13 +166,16 @@ def load_train_state(directory: str | Path) -> dict[str, Any] | None:
 
 
 def read_card(directory: str | Path) -> dict[str, Any] | None:
-    path = Path(directory) / CARD
-    return json.loads(path.read_text()) if path.is_file() else None
+    """The checkpoint's quality card; None (with a warning) when it is absent, torn or not a card:
+    the card is optional, so a bad one never makes a good checkpoint unusable."""
+    card = storage.read_json(str(Path(directory) / CARD))
+    if card is not None and not (isinstance(card, dict) and isinstance(card.get("metrics"), dict)):
+        storage.warn(f"{Path(directory) / CARD} is not a quality card; ignoring it")
+        return None
+    return card
 
 
 def write_card(directory: str | Path, card: dict[str, Any]) -> Path:
     path = Path(directory) / CARD
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(card, indent=2))
-    tmp.replace(path)
+    storage.write_json(str(path), card)
     return path

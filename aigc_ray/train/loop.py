@@ -160,7 +160,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 from aigc_ray.eval.quality import flat_metrics, score_checkpoint
 
                 card = score_checkpoint(tmp, cfg.eval.num_samples, cfg.eval.seed, own_checkpoint=True)
-                Path(tmp, "card.json").write_text(json.dumps(card, indent=2))
+                storage.write_json(str(Path(tmp, "card.json")), card)
                 metrics = metrics | flat_metrics(card)
                 record_eval(run_dir, card, flat_metrics(card), f"epoch {epoch}")
                 validate = False

@@ -310,7 +310,7 @@ def _write_summary(outcome: SweepOutcome, out: str) -> None:
                "mode": outcome.spec.mode, "epochs_budget": outcome.spec.epochs, "trial_epochs": outcome.trial_epochs,
                "best": dataclasses.asdict(outcome.best) if outcome.best else None, "exported": outcome.exported,
                "trials": [dataclasses.asdict(r) for r in outcome.rows]}
-    storage.write_bytes(storage.join(out, "summary.json"), json.dumps(summary, indent=2, default=str).encode())
+    storage.write_json(storage.join(out, "summary.json"), summary)
 
 
 def format_table(outcome: SweepOutcome) -> str:
