@@ -107,12 +107,20 @@ class _SkipInit(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+def weight_shapes(cfg: ModelConfig, discriminator: bool = False) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """{name: (shape, dtype)} of the generator's (or discriminator's) state, from a model built
+    on the meta device: nothing allocated, whatever the config asks for."""
+    from aigc_ray.models import build_discriminator
+
+    with torch.device("meta"), _SkipInit():
+        module = build_discriminator(cfg) if discriminator else build_generator(cfg)
+    return {k: (tuple(v.shape), v.dtype) for k, v in (module.state_dict() if module is not None else {}).items()}
+
+
 def _check_weights_header(weights: Path, cfg: ModelConfig) -> None:
     """Compare the safetensors header (read alone: no tensor data) with the model the config
     describes, built on the meta device (no memory): same names, shapes and dtypes."""
-    with torch.device("meta"), _SkipInit():
-        skeleton = build_generator(cfg)
-    expected = {k: (tuple(v.shape), v.dtype) for k, v in skeleton.state_dict().items()}
+    expected = weight_shapes(cfg)
     count = sum(math.prod(shape) for shape, _ in expected.values())
     if count > MAX_PARAMETERS:
         raise CheckpointError(f"{CONFIG}: the model it describes has {count:,} parameters, over the "

@@ -32,9 +32,10 @@ from aigc_ray import storage
 from aigc_ray.config import ExperimentConfig
 from aigc_ray.data.pipeline import ensure_prepared, train_dataset
 from aigc_ray.data.prepare import read_manifest
-from aigc_ray.models.checkpoint import load_train_state, save_checkpoint
+from aigc_ray.models.checkpoint import save_checkpoint
 from aigc_ray.pipeline import grid_png, to_uint8
 from aigc_ray.train.engine import Engine
+from aigc_ray.train.resume import check_resumable, load_resume_state
 from aigc_ray.train.validation import (
     UNSCORED,
     best_checkpoint,
@@ -123,13 +124,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
     # (a Tune PBT segment starts from the Tune checkpoint it was handed, see tuning/driver.py)
     checkpoint = ray.train.get_checkpoint() or loop_config.get("init_checkpoint")
     if checkpoint:
-        with checkpoint.as_directory() as ckpt_dir:
-            state = load_train_state(ckpt_dir)
+        state, resumed_from = load_resume_state(checkpoint, run_dir)  # the previous one if the latest is corrupt
         engine.load_state_dict(state)
         start_epoch, skip_batches = state["epoch"], state["batch_in_epoch"]
         resumes = [*state.get("resumes", []), engine.step]  # the steps this run restarted from
         if rank == 0:
-            _say(f"resuming from {checkpoint.path} at epoch {start_epoch + 1}, step {engine.step}")
+            _say(f"resuming from {resumed_from} at epoch {start_epoch + 1}, step {engine.step}")
 
     # [3] dataset shard: this worker's disjoint share of the training rows
     local_batch = cfg.train.batch_size // world
@@ -302,6 +302,7 @@ def build_trainer(cfg: ExperimentConfig, *, callbacks=(), validation_config=None
     manifest = read_manifest(prepared)
     storage_path = storage.resolve(cfg.train.storage_path or cfg.train.out)
     run_dir = storage.join(storage_path, cfg.run_name)
+    check_resumable(run_dir, cfg)  # a rerun of --name R that changes the weights' shapes: an error, not a crash loop
     dataset_info = {"prepared": prepared, "content_hash": manifest["content_hash"],
                     "num_classes": manifest["num_classes"], "class_names": manifest["class_names"],
                     "source": manifest["source"]}
