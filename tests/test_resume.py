@@ -65,4 +65,5 @@ def test_a_run_with_a_corrupt_latest_checkpoint_and_torn_metrics_resumes(ray_ses
     again = run_training(cfg.with_overrides({"train.epochs": 3}))
     out = capfd.readouterr()
     assert "resuming from the previous checkpoint" in out.err + out.out
+    assert "training R: 1 worker x 1 CPU, shapes (" in out.err  # the run's first line: workers, devices, data
     assert again.metrics["epoch"] == 3

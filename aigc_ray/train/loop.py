@@ -344,6 +344,7 @@ def run_training(cfg: ExperimentConfig, *, address: str | None = None) -> Traini
     ensure_prepared(cfg.data, cfg.train.seed)  # a bad dataset fails here, before Ray starts
     init_ray(address, cfg.train.workers)
     trainer, run_dir = build_trainer(cfg)
+    _say_what_runs(cfg, trainer)
     result = trainer.fit()
     if result.error:
         raise result.error
@@ -363,6 +364,17 @@ def run_training(cfg: ExperimentConfig, *, address: str | None = None) -> Traini
 
     return TrainingOutcome(checkpoint=uri(chosen.path), run_dir=run_dir, metrics=dict(result.metrics or {}),
                            latest=uri(final.path), best_metrics=dict(best_metrics))
+
+
+def _say_what_runs(cfg: ExperimentConfig, trainer: TorchTrainer) -> None:
+    """The run's first line of its own: how many workers on which devices, and on what data."""
+    prepared = trainer.train_loop_config["dataset"]["prepared"]
+    counts = read_manifest(prepared)["counts"]
+    cpus = trainer.train_loop_config["cpus_per_worker"]
+    devices = "1 GPU" if cfg.train.use_gpu else f"{cpus} CPU{'s' if cpus > 1 else ''}"
+    print(f"training {cfg.run_name}: {cfg.train.workers} worker{'s' if cfg.train.workers > 1 else ''} x {devices}, "
+          f"{cfg.data.dataset} ({counts['train']} train / {counts['test']} test images, {prepared})",
+          file=sys.stderr, flush=True)
 
 
 def main_print(outcome: TrainingOutcome) -> None:
