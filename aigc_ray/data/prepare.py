@@ -111,7 +111,7 @@ def _uint8_array(img: Image.Image) -> np.ndarray:
         return np.asarray(img, dtype=np.float64).clip(0, 255).round().astype(np.uint8)
     if img.mode not in ("L", "LA", "RGB", "RGBA"):
         img = img.convert("RGBA" if img.mode in ("P", "PA") or "A" in img.mode else "RGB")
-    return np.asarray(img, dtype=np.uint8)
+    return np.array(img, dtype=np.uint8)  # a writable copy (torch.from_numpy warns on a read-only one)
 
 
 def convert(image: torch.Tensor, image_size: int, channels: int) -> torch.Tensor:
