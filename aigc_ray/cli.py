@@ -63,8 +63,9 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
     manifest = prepare(args.dataset, args.out, image_size=args.image_size, channels=args.channels,
                        data_root=args.data_root, download=args.download, num_shapes=args.num_shapes,
-                       seed=args.seed, overwrite=args.overwrite)
-    summary = {k: manifest[k] for k in ("source", "counts", "dropped", "num_classes", "content_hash")}
+                       seed=args.seed, overwrite=args.overwrite, max_file_bytes=args.max_file_bytes,
+                       max_pixels=args.max_pixels)
+    summary = {k: manifest[k] for k in ("source", "counts", "dropped", "skipped", "num_classes", "content_hash")}
     print(json.dumps(summary, indent=2))
     print(storage.resolve(args.out))  # a local path made absolute, or the s3:// / gs:// URI
     return 0
@@ -204,7 +205,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--download", action="store_true", help="let torchvision download (needs network)")
     p.add_argument("--num-shapes", type=int, default=4096, help="images drawn for the shapes source")
     p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--overwrite", action="store_true", help="replace an existing prepared dataset")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing prepared dataset (the old one "
+                                                            "stays until the new one is complete)")
+    p.add_argument("--max-file-bytes", type=int, default=64 * 2**20,
+                   help="skip (and count) source files larger than this (default 64 MiB)")
+    p.add_argument("--max-pixels", type=int, default=64 * 2**20,
+                   help="drop (and count) images with more pixels than this, judged from the header (default 64M)")
     p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("train", help="train a generator with Ray Train (local Ray or a cluster)",

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import tempfile
+import uuid
 from pathlib import Path
+from typing import Any
 
 import pyarrow.fs as pafs
 
@@ -34,10 +37,53 @@ def _fs(path: str) -> tuple[pafs.FileSystem, str]:
 
 
 def write_bytes(path: str, data: bytes) -> None:
+    """Replace a whole file atomically: a reader (or a restart after a kill or a full disk) sees
+    the old content or the new, never a torn file. See write_to."""
     fs, p = _fs(path)
-    fs.create_dir(p.rsplit("/", 1)[0], recursive=True)
-    with fs.open_output_stream(p) as f:
-        f.write(data)
+    write_to(fs, p, data)
+
+
+def write_to(fs: pafs.FileSystem, path: str, data: bytes) -> None:
+    """The one writer of state files (JSON, JSONL, cards, manifests' uploads). Local: a temp file
+    beside the target, flushed to disk, renamed over it. Object stores (s3://, gs://): one
+    upload, which they make visible whole or not at all."""
+    parent = path.rsplit("/", 1)[0]
+    if parent and parent != path:
+        fs.create_dir(parent, recursive=True)
+    if fs.type_name != "local":
+        with fs.open_output_stream(path) as f:
+            f.write(data)
+        return
+    tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_json(path: str, value: Any, indent: int | None = 2) -> None:
+    write_bytes(path, json.dumps(value, indent=indent, default=str).encode())
+
+
+def warn(message: str) -> None:
+    """A recoverable problem with a state file: said on stderr, never raised."""
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def read_json(path: str) -> Any | None:
+    """A JSON state file's value, or None (with a warning) if it is torn or not JSON; None if absent."""
+    if not exists(path):
+        return None
+    try:
+        return json.loads(read_bytes(path))
+    except (ValueError, UnicodeDecodeError) as err:
+        warn(f"{path} is not valid JSON ({err}); ignoring it")
+        return None
 
 
 def read_bytes(path: str) -> bytes:
@@ -47,10 +93,26 @@ def read_bytes(path: str) -> bytes:
 
 
 def read_jsonl(path: str) -> list[dict]:
-    """The records of a JSON-lines file (metrics.jsonl, a sweep's history); [] if it isn't there."""
+    """The records of a JSON-lines file (metrics.jsonl, a sweep's history); [] if it isn't there.
+    A torn line (a kill mid-write by an older version, a copy cut short) is dropped with a
+    warning rather than failing every restart."""
     if not exists(path):
         return []
-    return [json.loads(line) for line in read_bytes(path).decode().splitlines() if line.strip()]
+    records = []
+    lines = read_bytes(path).decode(errors="replace").splitlines()
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if not isinstance(record, dict):
+            where = "its last line" if number == len(lines) else f"line {number}"
+            warn(f"{path}: {where} is torn or not a JSON object; skipping it")
+            continue
+        records.append(record)
+    return records
 
 
 def parquet_schema(path: str):

@@ -73,6 +73,7 @@ def test_prepare_cleans_and_counts_without_touching_the_source(messy_folder, tmp
     before = _tree_hash(messy_folder)
     manifest = prepare(f"folder:{messy_folder}", tmp_path / "out", image_size=8, channels=1, quiet=True)
     assert manifest["dropped"] == {"undecodable": 1, "blank": 1, "duplicate": 1}
+    assert manifest["skipped"] == {"not_in_a_class_folder": 1}  # notes.txt, beside the class folders
     assert sum(manifest["counts"].values()) == 10
     assert manifest["class_names"] == ["cats", "dogs"] and manifest["num_classes"] == 2
     assert _tree_hash(messy_folder) == before  # the source is only read

@@ -58,3 +58,12 @@ def test_every_readme_command_parses(line):
     parser.exit = lambda status=0, message=None: (_ for _ in ()).throw(AssertionError(message))
     parser.error = lambda message: (_ for _ in ()).throw(AssertionError(f"{line}: {message}"))
     parser.parse_args(args)
+
+
+def test_the_command_table_lists_every_command():
+    from aigc_ray.cli import build_parser
+
+    table = README.split("## Commands", 1)[1].split("\n\n", 2)[1]
+    listed = {line.split("`aigc-ray ", 1)[1].split()[0] for line in table.splitlines() if "`aigc-ray " in line}
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    assert listed == set(sub.choices)

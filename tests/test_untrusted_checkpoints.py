@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from aigc_ray.cli import main
 from aigc_ray.models import build_generator
-from aigc_ray.models.checkpoint import CheckpointError, load_generator, save_checkpoint
+from aigc_ray.models.checkpoint import CheckpointError, load_generator, save_checkpoint, write_card
 
 
 @pytest.fixture
@@ -106,3 +106,15 @@ def test_eval_never_prepares_or_writes_where_a_checkpoint_says(checkpoint, tmp_p
     assert code == 2 and f"no prepared dataset with content hash {'ab' * 6} under {cache}/prepared" in err
     assert "--dataset" in err
     assert not target.exists() and not cache.exists()
+
+
+def test_a_sweeps_best_checkpoint_exports_to_a_uri(checkpoint, tmp_path, monkeypatch):
+    """`aigc-ray tune --out URI` (README): best/ lands at the URI, not in a local directory named 's3:'."""
+    from aigc_ray.tuning import sweep
+
+    monkeypatch.chdir(tmp_path)
+    write_card(checkpoint, {"metrics": {"fid": 2.0}})
+    dest, card = sweep.export_best(None, str(checkpoint), f"file://{tmp_path}/out/best")
+    assert card == {"metrics": {"fid": 2.0}} and dest == f"file://{tmp_path}/out/best"
+    assert sorted(p.name for p in (tmp_path / "out" / "best").iterdir()) == sorted(p.name for p in checkpoint.iterdir())
+    assert not (tmp_path / "file:").exists()

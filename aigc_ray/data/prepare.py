@@ -11,12 +11,13 @@ so an interrupted prepare never leaves a directory that looks complete.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import shutil
-import sys
+import struct
 import tempfile
-import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +25,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from torchvision.io import ImageReadMode, decode_image, encode_png
+from PIL import Image
+from torchvision.io import encode_png
 from torchvision.transforms.v2 import functional as TF
+from tqdm.auto import tqdm
 
 from aigc_ray import storage
 from aigc_ray.data.sources import Source, open_source
@@ -35,6 +38,8 @@ MANIFEST_FORMAT = "aigc-ray-prepared/1"
 ROWS_PER_SHARD = 512
 TEST_FRACTION = 0.2
 BLANK_RANGE = 4  # max - min pixel value at or below which an image counts as blank
+MAX_FILE_BYTES = 64 * 2**20  # per-file caps (prepare's --max-file-bytes / --max-pixels): a file
+MAX_PIXELS = 64 * 2**20  # over them is counted under its reason, never read or decoded
 
 
 class PrepareError(ValueError):
@@ -46,7 +51,13 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
     path = storage.join(str(directory), MANIFEST)
     if not storage.exists(path):
         raise PrepareError(f"{directory} is not a prepared dataset (no {MANIFEST}); run `aigc-ray prepare`")
-    return json.loads(storage.read_bytes(path))
+    try:
+        manifest = json.loads(storage.read_bytes(path))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise PrepareError(f"{path} is not valid JSON ({err}); prepare the dataset again") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+        raise PrepareError(f"{path} is not a {MANIFEST_FORMAT} manifest; prepare the dataset again")
+    return manifest
 
 
 def shard_files(directory: str | Path, split: str) -> list[str]:
@@ -65,14 +76,42 @@ def shard_files(directory: str | Path, split: str) -> list[str]:
     return files
 
 
-def _to_chw(payload: np.ndarray | bytes) -> torch.Tensor | None:
-    """Decode to a uint8 tensor (C, H, W), or None when the bytes are not an image."""
+def _to_chw(payload: np.ndarray | bytes, max_pixels: int) -> tuple[torch.Tensor | None, str]:
+    """Decode to a uint8 tensor (C, H, W), or (None, the reason it was dropped). Files are
+    decoded with Pillow, whose header gives the size before any pixel is decoded (so the pixel
+    cap holds), which converts 16-bit and CMYK correctly and which prints nothing."""
     if isinstance(payload, np.ndarray):
-        return torch.from_numpy(np.ascontiguousarray(payload)).permute(2, 0, 1)
+        return torch.from_numpy(np.ascontiguousarray(payload)).permute(2, 0, 1), ""
+    if not payload:
+        return None, "empty"
     try:
-        return decode_image(torch.frombuffer(bytearray(payload), dtype=torch.uint8), mode=ImageReadMode.UNCHANGED)
-    except (RuntimeError, ValueError):
-        return None
+        with warnings.catch_warnings():  # EXIF/ICC complaints and the like: the image is judged below
+            warnings.simplefilter("ignore")
+            with Image.open(io.BytesIO(payload)) as img:
+                if img.width * img.height > max_pixels:
+                    return None, "too_many_pixels"
+                array = _uint8_array(img)
+    except Image.DecompressionBombError:
+        return None, "too_many_pixels"
+    except (OSError, ValueError, SyntaxError, EOFError, struct.error):  # what Pillow raises on a bad file
+        return None, "undecodable"
+    if array.ndim == 2:
+        array = array[..., None]
+    if array.ndim != 3 or array.size == 0:
+        return None, "undecodable"
+    return torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1), ""
+
+
+def _uint8_array(img: Image.Image) -> np.ndarray:
+    """uint8 (H, W) or (H, W, C) of any Pillow mode: 16/32-bit grey scaled down, CMYK (K
+    included) and palette / YCbCr / other modes converted to RGB(A), alpha kept for convert()."""
+    if img.mode.startswith("I;16") or img.mode == "I":  # 16-bit PNG / TIFF grey (I holds them widened)
+        return (np.asarray(img, dtype=np.int64).clip(0, 65535) >> 8).astype(np.uint8)
+    if img.mode == "F":
+        return np.asarray(img, dtype=np.float64).clip(0, 255).round().astype(np.uint8)
+    if img.mode not in ("L", "LA", "RGB", "RGBA"):
+        img = img.convert("RGBA" if img.mode in ("P", "PA") or "A" in img.mode else "RGB")
+    return np.array(img, dtype=np.uint8)  # a writable copy (torch.from_numpy warns on a read-only one)
 
 
 def convert(image: torch.Tensor, image_size: int, channels: int) -> torch.Tensor:
@@ -94,14 +133,16 @@ def convert(image: torch.Tensor, image_size: int, channels: int) -> torch.Tensor
 def prepare(dataset: str, out: str | Path, *, image_size: int = 16, channels: int = 1,
             data_root: str = "~/.cache/aigc-ray", download: bool = False, num_shapes: int = 4096,
             seed: int = 42, overwrite: bool = False, quiet: bool = False,
-            source: Source | None = None) -> dict[str, Any]:
+            source: Source | None = None, max_file_bytes: int = MAX_FILE_BYTES,
+            max_pixels: int = MAX_PIXELS) -> dict[str, Any]:
     if storage.is_uri(str(out)):  # shared storage: prepare locally, then upload (manifest last)
         if storage.exists(storage.join(str(out), MANIFEST)) and not overwrite:
             raise PrepareError(f"{out} already holds a prepared dataset; pass --overwrite to replace it")
         with tempfile.TemporaryDirectory(prefix="aigc-prepare-") as tmp:
             local = Path(tmp, "prepared")
             manifest = prepare(dataset, local, image_size=image_size, channels=channels, data_root=data_root,
-                               download=download, num_shapes=num_shapes, seed=seed, quiet=quiet, source=source)
+                               download=download, num_shapes=num_shapes, seed=seed, quiet=quiet, source=source,
+                               max_file_bytes=max_file_bytes, max_pixels=max_pixels)
             manifest_bytes = (local / MANIFEST).read_bytes()
             (local / MANIFEST).unlink()
             storage.upload_dir(str(local), str(out))
@@ -112,33 +153,42 @@ def prepare(dataset: str, out: str | Path, *, image_size: int = 16, channels: in
         raise PrepareError(f"{out} already holds a prepared dataset; pass --overwrite to replace it")
     if out.exists() and any(out.iterdir()) and not (out / MANIFEST).exists():
         raise PrepareError(f"{out} exists and is not a prepared dataset; choose an empty or new directory")
-    source = source or open_source(dataset, data_root=data_root, download=download,
-                                   image_size=image_size, num_shapes=num_shapes, seed=seed)
+    source = source or open_source(dataset, data_root=data_root, download=download, image_size=image_size,
+                                   num_shapes=num_shapes, seed=seed, max_file_bytes=max_file_bytes)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        manifest = _write_shards(source, tmp, image_size, channels, seed, quiet)
+        manifest = _write_shards(source, tmp, image_size, channels, quiet, max_pixels)
         manifest.update(dataset=dataset, image_size=image_size, channels=channels, seed=seed)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        # the old output stays until the new one is complete: moved aside, replaced, then removed
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
         if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)  # atomic on one filesystem: out appears complete or not at all
+            os.replace(out, old)
+        try:
+            os.replace(tmp, out)  # atomic on one filesystem: out appears complete or not at all
+        except OSError:
+            if old.exists():
+                os.replace(old, out)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return manifest
 
 
-def _write_shards(source: Source, tmp: Path, image_size: int, channels: int, seed: int,
-                  quiet: bool) -> dict[str, Any]:
-    dropped = {"undecodable": 0, "blank": 0, "duplicate": 0}
+def _write_shards(source: Source, tmp: Path, image_size: int, channels: int, quiet: bool,
+                  max_pixels: int) -> dict[str, Any]:
+    dropped = {"undecodable": 0, "blank": 0, "duplicate": 0}  # + any other reason, when it occurs
+    skipped: dict[str, int] = {}
     seen: set[bytes] = set()
     rows: dict[str, list[tuple[bytes, int]]] = {"train": [], "test": []}
     shards: dict[str, list[str]] = {"train": [], "test": []}
     per_class: dict[str, dict[str, int]] = {"train": {}, "test": {}}
     content = hashlib.sha256()
-    started, done = time.monotonic(), 0
+    done = 0
 
     def flush(split: str) -> None:
         if not rows[split]:
@@ -150,24 +200,31 @@ def _write_shards(source: Source, tmp: Path, image_size: int, channels: int, see
         shards[split].append(name)
         rows[split] = []
 
-    for record in source.records:
+    progress = tqdm(source.records, total=source.size_hint, desc=f"prepare {source.name}"[:60], unit="img",
+                    disable=quiet, mininterval=1.0, leave=False)
+    for record in progress:
         done += 1
-        if not quiet and done % 2000 == 0:
-            total = f"/{source.size_hint}" if source.size_hint else ""
-            print(f"prepare: {done}{total} images read ({time.monotonic() - started:.0f}s)", file=sys.stderr)
-        image = _to_chw(record.payload)
-        if image is None or image.ndim != 3 or image.numel() == 0:
-            dropped["undecodable"] += 1
+        if record.skip:
+            skipped[record.skip] = skipped.get(record.skip, 0) + 1
             continue
-        if int(image.max()) - int(image.min()) <= BLANK_RANGE:
-            dropped["blank"] += 1
+        image, reason = _to_chw(record.payload, max_pixels)
+        if image is not None and int(image.max()) - int(image.min()) <= BLANK_RANGE:
+            image, reason = None, "blank"
+        if image is None:
+            dropped[reason] = dropped.get(reason, 0) + 1
             continue
         fingerprint = hashlib.sha256(str(tuple(image.shape)).encode() + image.numpy().tobytes()).digest()
         if fingerprint in seen:
             dropped["duplicate"] += 1
             continue
+        try:
+            png = encode_png(convert(image, image_size, channels), compression_level=6).numpy().tobytes()
+        except (RuntimeError, ValueError) as err:  # a shape or dtype convert() can't handle
+            dropped["unconvertible"] = dropped.get("unconvertible", 0) + 1
+            if not quiet:
+                progress.write(f"prepare: {record.key}: {err}")
+            continue
         seen.add(fingerprint)
-        png = encode_png(convert(image, image_size, channels), compression_level=6).numpy().tobytes()
         # split by a hash of the pixels, so the split doesn't depend on source order
         split = "test" if int.from_bytes(fingerprint[:4], "big") / 2**32 < TEST_FRACTION else "train"
         content.update(png + record.label.to_bytes(8, "big", signed=True))
@@ -176,13 +233,14 @@ def _write_shards(source: Source, tmp: Path, image_size: int, channels: int, see
         counts[str(record.label)] = counts.get(str(record.label), 0) + 1
         if len(rows[split]) >= ROWS_PER_SHARD:
             flush(split)
+    progress.close()
     for split in rows:
         flush(split)
     kept = sum(sum(c.values()) for c in per_class.values())
     if kept == 0:
-        raise PrepareError(f"{source.name}: no usable images (dropped: {dropped})")
+        raise PrepareError(f"{source.name}: no usable images (dropped: {dropped}, skipped: {skipped})")
     labelled = bool(source.class_names) and all(k != "-1" for c in per_class.values() for k in c)
     return {"format": MANIFEST_FORMAT, "source": source.name, "content_hash": content.hexdigest(),
             "counts": {s: sum(c.values()) for s, c in per_class.items()}, "per_class": per_class,
             "class_names": source.class_names if labelled else [], "num_classes": len(source.class_names) if labelled else 0,
-            "dropped": dropped, "read": done, "shards": shards}
+            "dropped": dropped, "skipped": skipped, "read": done, "shards": shards}

@@ -29,6 +29,9 @@ class Record:
     key: str
     payload: np.ndarray | bytes
     label: int = -1
+    skip: str = ""
+    """Why this entry is passed over without being read (counted under the name in the
+    manifest's ``skipped``): not_an_image, outside_source, file_too_large."""
 
 
 @dataclass
@@ -40,7 +43,8 @@ class Source:
 
 
 def open_source(dataset: str, *, data_root: str = "~/.cache/aigc-ray", download: bool = False,
-                image_size: int = 32, num_shapes: int = 4096, seed: int = 42) -> Source:
+                image_size: int = 32, num_shapes: int = 4096, seed: int = 42,
+                max_file_bytes: int = 64 * 2**20) -> Source:
     """Resolve a dataset name (see DataConfig.dataset) to a Source."""
     root = Path(os.path.expanduser(data_root))
     if dataset == "digits":
@@ -50,9 +54,9 @@ def open_source(dataset: str, *, data_root: str = "~/.cache/aigc-ray", download:
     if dataset in TORCHVISION:
         return _torchvision(dataset, root, download)
     if dataset.startswith("folder:"):
-        return _folder(Path(dataset[len("folder:"):]).expanduser())
+        return _folder(Path(dataset[len("folder:"):]).expanduser(), max_file_bytes)
     if dataset.startswith("parquet:"):
-        return _parquet(dataset[len("parquet:"):])
+        return _parquet(dataset[len("parquet:"):], max_file_bytes)
     raise SourceError(f"unknown dataset {dataset!r}; use digits, shapes, {', '.join(TORCHVISION)}, "
                       "folder:PATH or parquet:PATH")
 
@@ -113,23 +117,62 @@ def _torchvision(dataset: str, root: Path, download: bool) -> Source:
     return Source(dataset, [str(c) for c in ds.classes], records(), len(ds))
 
 
-def _folder(path: Path) -> Source:
+def _folder(path: Path, max_file_bytes: int) -> Source:
+    """Sub-folders are classes; files directly in the root are unlabelled. Every path is
+    resolved and must stay inside the source: a symlink out of it (a file, or a class folder
+    such as ``ln -s / src/cls``) is never followed, only counted."""
     if not path.is_dir():
         raise SourceError(f"folder:{path} is not a directory")
-    subdirs = sorted(p for p in path.iterdir() if p.is_dir())
-    if subdirs:  # sub-folders are classes; files directly in the root are unlabelled
-        classes = [p.name for p in subdirs]
-        files = [(f, i) for i, d in enumerate(subdirs) for f in sorted(d.rglob("*")) if f.is_file()]
+    root = path.resolve()
+
+    def inside(p: Path) -> bool:
+        return p.resolve().is_relative_to(root)
+
+    entries = sorted(path.iterdir())
+    subdirs = [p for p in entries if p.is_dir() and not p.is_symlink()]
+    escaped = [p for p in entries if p.is_dir() and p.is_symlink()]  # class folders that link elsewhere
+    classes = [p.name for p in subdirs]
+    if subdirs:
+        files = [(f, i) for i, d in enumerate(subdirs) for f in _walk(d)]
     else:
-        classes, files = [], [(f, -1) for f in sorted(path.rglob("*")) if f.is_file()]
-    files = [(f, label) for f, label in files if f.suffix.lower() in IMAGE_SUFFIXES]
-    if not files:
+        files = [(f, -1) for f in _walk(path)]
+
+    loose = [p for p in entries if not p.is_dir()] if subdirs else []  # beside the class folders
+
+    def records() -> Iterator[Record]:
+        for d in escaped:
+            yield Record(str(d.relative_to(path)), b"", -1, skip="outside_source")
+        for f in loose:
+            yield Record(f.name, b"", -1, skip="not_in_a_class_folder")
+        for f, label in files:
+            key = str(f.relative_to(path))
+            if f.is_dir():  # a symlinked folder: never entered
+                yield Record(key, b"", label, skip="symlinked_folder" if inside(f) else "outside_source")
+            elif f.suffix.lower() not in IMAGE_SUFFIXES:
+                yield Record(key, b"", label, skip="not_an_image")
+            elif not inside(f) or not f.is_file():
+                yield Record(key, b"", label, skip="outside_source")
+            elif f.stat().st_size > max_file_bytes:
+                yield Record(key, b"", label, skip="file_too_large")
+            else:
+                yield Record(key, f.read_bytes(), label)
+
+    if not any(f.suffix.lower() in IMAGE_SUFFIXES for f, _ in files):
         raise SourceError(f"folder:{path} holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
-    records = (Record(str(f.relative_to(path)), f.read_bytes(), label) for f, label in files)
-    return Source(f"folder:{path}", classes, records, len(files))
+    return Source(f"folder:{path}", classes, records(), len(files) + len(escaped) + len(loose))
 
 
-def _parquet(uri: str) -> Source:
+def _walk(directory: Path) -> list[Path]:
+    """Every file under ``directory`` (sorted), symlinked folders not followed; symlinked files
+    are listed (and checked against the source root by the caller)."""
+    found = []
+    for parent, dirs, names in os.walk(directory, followlinks=False):
+        found += [Path(parent, n) for n in names]
+        found += [Path(parent, d) for d in dirs if Path(parent, d).is_symlink()]  # counted, never entered
+    return sorted(found)
+
+
+def _parquet(uri: str, max_file_bytes: int) -> Source:
     """Parquet with an ``image`` column of encoded bytes and an optional integer ``label``
     column. Every file's schema is checked before any cell is converted (see data/schema.py)."""
     import pyarrow.dataset as pads
@@ -157,6 +200,7 @@ def _parquet(uri: str) -> Source:
         raise SourceError(f"parquet:{uri}: label {bad[0]} out of range; labels are 0..{MAX_CLASSES - 1}, "
                           "or -1 for unlabelled")
     n_classes = max(labels, default=-1) + 1
-    records = (Record(f"parquet/{i}", img, lab) for i, (img, lab) in enumerate(zip(images, labels)))
+    records = (Record(f"parquet/{i}", img or b"", lab, skip="file_too_large" if img and len(img) > max_file_bytes else "")
+               for i, (img, lab) in enumerate(zip(images, labels)))
     return Source(f"parquet:{uri}", [str(c) for c in range(n_classes)], records, len(images))
 

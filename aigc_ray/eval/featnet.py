@@ -14,7 +14,6 @@ mode coverage are not available for them.
 
 from __future__ import annotations
 
-import json
 import sys
 import tempfile
 from pathlib import Path
@@ -94,8 +93,8 @@ def load_or_train(prepared: str, seed: int = 0, quiet: bool = False) -> tuple[Fe
     weights_name, info_name = _names(manifest["content_hash"])
     info_path, weights_path = storage.join(prepared, info_name), storage.join(prepared, weights_name)
     num_classes = manifest["num_classes"] if manifest["num_classes"] >= 2 else 0
-    if storage.exists(info_path) and storage.exists(weights_path):
-        info = json.loads(storage.read_bytes(info_path))
+    info = storage.read_json(info_path) if storage.exists(weights_path) else None  # torn: trained again
+    if isinstance(info, dict):
         net = FeatureNet(manifest["channels"], manifest["image_size"], num_classes)
         with tempfile.TemporaryDirectory() as tmp:
             local = Path(tmp, weights_name)
@@ -112,7 +111,7 @@ def load_or_train(prepared: str, seed: int = 0, quiet: bool = False) -> tuple[Fe
                   metadata={"format": FORMAT})
         # weights first, info last: a reader that sees the info finds the weights complete
         storage.write_bytes(weights_path, Path(tmp, weights_name).read_bytes())
-    storage.write_bytes(info_path, json.dumps(info, indent=2).encode())
+    storage.write_json(info_path, info)
     return net.eval(), info
 
 

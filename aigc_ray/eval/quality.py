@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.kid import KernelInceptionDistance
+from tqdm.auto import tqdm
 
 from aigc_ray import storage
 from aigc_ray.config import DataConfig, ExperimentConfig
@@ -139,7 +140,9 @@ def _sample(pipe: GeneratorPipeline, n: int, seed: int, held_out: torch.Tensor) 
         return torch.cat([pipe.reconstruct(b) for b in held_out.split(512)])
     z = torch.randn(n, pipe.latent_dim, generator=torch.Generator().manual_seed(seed)).to(pipe.device)
     labels = (torch.arange(n, device=pipe.device) % pipe.num_classes) if pipe.num_classes else None
-    chunks = [pipe.decode(z[i:i + 512], None if labels is None else labels[i:i + 512]) for i in range(0, n, 512)]
+    # a progress bar on a terminal (`aigc-ray eval`); none in a Ray task's log (disable=None: not a TTY)
+    starts = tqdm(range(0, n, 512), desc="sampling", unit="batch", disable=None, leave=False)
+    chunks = [pipe.decode(z[i:i + 512], None if labels is None else labels[i:i + 512]) for i in starts]
     return torch.cat(chunks)
 
 
@@ -235,10 +238,8 @@ def evaluate_checkpoint(checkpoint_dir: str, num_samples: int | None = None, see
 
 
 def write_card_to(checkpoint_dir: str, local: str, card: dict[str, Any]) -> None:
-    import json
-
     if storage.is_uri(checkpoint_dir):
-        storage.write_bytes(storage.join(checkpoint_dir, "card.json"), json.dumps(card, indent=2).encode())
+        storage.write_json(storage.join(checkpoint_dir, "card.json"), card)
     write_card(local, card)
 
 

@@ -28,6 +28,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch.overrides import TorchFunctionMode
 
+from aigc_ray import storage
 from aigc_ray.config import ConfigError, ExperimentConfig, ModelConfig
 from aigc_ray.models import build_generator
 
@@ -54,7 +55,7 @@ def save_checkpoint(directory: str | Path, *, experiment: ExperimentConfig, serv
     save_file(tensors, str(directory / WEIGHTS), metadata={"format": FORMAT})
     meta = {"format": FORMAT, "model": experiment.to_dict()["model"], "experiment": experiment.to_dict(),
             "step": step, "epoch": epoch, "ema": ema, "dataset": dataset}
-    (directory / CONFIG).write_text(json.dumps(meta, indent=2))
+    storage.write_json(str(directory / CONFIG), meta)
     if train_state is not None:
         torch.save(train_state, directory / TRAIN_STATE)
     return directory
@@ -109,12 +110,20 @@ class _SkipInit(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+def weight_shapes(cfg: ModelConfig, discriminator: bool = False) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """{name: (shape, dtype)} of the generator's (or discriminator's) state, from a model built
+    on the meta device: nothing allocated, whatever the config asks for."""
+    from aigc_ray.models import build_discriminator
+
+    with torch.device("meta"), _SkipInit():
+        module = build_discriminator(cfg) if discriminator else build_generator(cfg)
+    return {k: (tuple(v.shape), v.dtype) for k, v in (module.state_dict() if module is not None else {}).items()}
+
+
 def _check_weights_header(weights: Path, cfg: ModelConfig) -> None:
     """Compare the safetensors header (read alone: no tensor data) with the model the config
     describes, built on the meta device (no memory): same names, shapes and dtypes."""
-    with torch.device("meta"), _SkipInit():
-        skeleton = build_generator(cfg)
-    expected = {k: (tuple(v.shape), v.dtype) for k, v in skeleton.state_dict().items()}
+    expected = weight_shapes(cfg)
     count = sum(math.prod(shape) for shape, _ in expected.values())
     if count > MAX_PARAMETERS:
         raise CheckpointError(f"{CONFIG}: the model it describes has {count:,} parameters, over the "
@@ -172,13 +181,16 @@ def load_train_state(directory: str | Path) -> dict[str, Any] | None:
 
 
 def read_card(directory: str | Path) -> dict[str, Any] | None:
-    path = Path(directory) / CARD
-    return json.loads(path.read_text()) if path.is_file() else None
+    """The checkpoint's quality card; None (with a warning) when it is absent, torn or not a card:
+    the card is optional, so a bad one never makes a good checkpoint unusable."""
+    card = storage.read_json(str(Path(directory) / CARD))
+    if card is not None and not (isinstance(card, dict) and isinstance(card.get("metrics"), dict)):
+        storage.warn(f"{Path(directory) / CARD} is not a quality card; ignoring it")
+        return None
+    return card
 
 
 def write_card(directory: str | Path, card: dict[str, Any]) -> Path:
     path = Path(directory) / CARD
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(card, indent=2))
-    tmp.replace(path)
+    storage.write_json(str(path), card)
     return path

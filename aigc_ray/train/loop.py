@@ -32,9 +32,10 @@ from aigc_ray import storage
 from aigc_ray.config import ExperimentConfig
 from aigc_ray.data.pipeline import ensure_prepared, load_split, train_dataset
 from aigc_ray.data.prepare import read_manifest
-from aigc_ray.models.checkpoint import load_train_state, save_checkpoint
+from aigc_ray.models.checkpoint import save_checkpoint
 from aigc_ray.pipeline import grid_png, to_uint8
 from aigc_ray.train.engine import Engine
+from aigc_ray.train.resume import check_resumable, load_resume_state
 from aigc_ray.train.validation import (
     UNSCORED,
     best_checkpoint,
@@ -134,13 +135,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
     # (a Tune PBT segment starts from the Tune checkpoint it was handed, see tuning/driver.py)
     checkpoint = ray.train.get_checkpoint() or loop_config.get("init_checkpoint")
     if checkpoint:
-        with checkpoint.as_directory() as ckpt_dir:
-            state = load_train_state(ckpt_dir)
+        state, resumed_from = load_resume_state(checkpoint, run_dir)  # the previous one if the latest is corrupt
         engine.load_state_dict(state)
         start_epoch, skip_batches = state["epoch"], state["batch_in_epoch"]
         resumes = [*state.get("resumes", []), engine.step]  # the steps this run restarted from
         if rank == 0:
-            _say(f"resuming from {checkpoint.path} at epoch {start_epoch + 1}, step {engine.step}")
+            _say(f"resuming from {resumed_from} at epoch {start_epoch + 1}, step {engine.step}")
 
     # [3] dataset shard: this worker's disjoint share of the training rows (a dataset that fits in
     # the in-memory cache is read straight from its Parquet shards: Ray Data's start-up would cost
@@ -177,7 +177,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 from aigc_ray.eval.quality import flat_metrics, score_checkpoint
 
                 card = score_checkpoint(tmp, cfg.eval.num_samples, cfg.eval.seed, own_checkpoint=True)
-                Path(tmp, "card.json").write_text(json.dumps(card, indent=2))
+                storage.write_json(str(Path(tmp, "card.json")), card)
                 metrics = metrics | flat_metrics(card)
                 record_eval(run_dir, card, flat_metrics(card), f"epoch {epoch}")
                 validate = False
@@ -323,6 +323,7 @@ def build_trainer(cfg: ExperimentConfig, *, callbacks=(), validation_config=None
     manifest = read_manifest(prepared)
     storage_path = storage.resolve(cfg.train.storage_path or cfg.train.out)
     run_dir = storage.join(storage_path, cfg.run_name)
+    check_resumable(run_dir, cfg)  # a rerun of --name R that changes the weights' shapes: an error, not a crash loop
     dataset_info = {"prepared": prepared, "content_hash": manifest["content_hash"],
                     "num_classes": manifest["num_classes"], "class_names": manifest["class_names"],
                     "source": manifest["source"]}
@@ -365,6 +366,7 @@ def run_training(cfg: ExperimentConfig, *, address: str | None = None) -> Traini
     ensure_prepared(cfg.data, cfg.train.seed)  # a bad dataset fails here, before Ray starts
     init_ray(address, cfg.train.workers)
     trainer, run_dir = build_trainer(cfg)
+    _say_what_runs(cfg, trainer)
     result = trainer.fit()
     if result.error:
         raise result.error
@@ -384,6 +386,17 @@ def run_training(cfg: ExperimentConfig, *, address: str | None = None) -> Traini
 
     return TrainingOutcome(checkpoint=uri(chosen.path), run_dir=run_dir, metrics=dict(result.metrics or {}),
                            latest=uri(final.path), best_metrics=dict(best_metrics))
+
+
+def _say_what_runs(cfg: ExperimentConfig, trainer: TorchTrainer) -> None:
+    """The run's first line of its own: how many workers on which devices, and on what data."""
+    prepared = trainer.train_loop_config["dataset"]["prepared"]
+    counts = read_manifest(prepared)["counts"]
+    cpus = trainer.train_loop_config["cpus_per_worker"]
+    devices = "1 GPU" if cfg.train.use_gpu else f"{cpus} CPU{'s' if cpus > 1 else ''}"
+    print(f"training {cfg.run_name}: {cfg.train.workers} worker{'s' if cfg.train.workers > 1 else ''} x {devices}, "
+          f"{cfg.data.dataset} ({counts['train']} train / {counts['test']} test images, {prepared})",
+          file=sys.stderr, flush=True)
 
 
 def main_print(outcome: TrainingOutcome) -> None:

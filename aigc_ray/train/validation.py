@@ -37,8 +37,7 @@ def validate(checkpoint: ray.train.Checkpoint, run_dir: str, num_samples: int, s
 
     with checkpoint.as_directory() as local:
         card = score_checkpoint(local, num_samples, seed, own_checkpoint=True)  # this run's own
-    with checkpoint.filesystem.open_output_stream(f"{checkpoint.path}/card.json") as f:
-        f.write(json.dumps(card, indent=2).encode())
+    storage.write_to(checkpoint.filesystem, f"{checkpoint.path}/card.json", json.dumps(card, indent=2).encode())
     metrics = flat_metrics(card)
     record_eval(run_dir, card, metrics, checkpoint.path)
     try:
@@ -67,7 +66,7 @@ def run_in_background() -> None:
 def record_eval(run_dir: str, card: dict, metrics: dict, checkpoint_path: str) -> None:
     """<run>/evals/epoch_N.json: what an evaluation measured (merged into metrics.jsonl)."""
     record = {"epoch": card["epoch"], "step": card["step"], **metrics, "checkpoint": checkpoint_path}
-    storage.write_bytes(storage.join(run_dir, EVALS, f"epoch_{card['epoch']:05d}.json"), json.dumps(record).encode())
+    storage.write_json(storage.join(run_dir, EVALS, f"epoch_{card['epoch']:05d}.json"), record, indent=None)
 
 
 def validation_config(cfg: ExperimentConfig, run_dir: str) -> ray.train.ValidationConfig:
@@ -100,8 +99,12 @@ def merge_evals(run_dir: str, history: list[dict]) -> list[dict]:
     by_epoch = {}
     for path in _list(storage.join(run_dir, EVALS)):
         with fs.open_input_stream(path) as f:
-            record = json.loads(f.read())
-        by_epoch[record["epoch"]] = record
+            raw = f.read()
+        try:
+            record = json.loads(raw)
+            by_epoch[record["epoch"]] = record
+        except (ValueError, KeyError, TypeError):
+            storage.warn(f"{path} is torn or not an evaluation record; skipping it")
     for row in history:
         record = by_epoch.get(row.get("epoch"))
         if record:

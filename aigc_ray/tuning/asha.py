@@ -10,8 +10,6 @@ restore.
 
 from __future__ import annotations
 
-import json
-
 from ray.tune.schedulers import AsyncHyperBandScheduler
 
 from aigc_ray import storage
@@ -27,9 +25,11 @@ class ResumableASHA(AsyncHyperBandScheduler):
         if self._loaded:
             return
         self._loaded = True
-        if not storage.exists(self.state_path):
+        state = storage.read_json(self.state_path)  # None: absent, or torn (warned)
+        if not isinstance(state, dict) or not {"rungs", "trial_brackets", "num_stopped"} <= set(state):
+            if state is not None:
+                storage.warn(f"{self.state_path} is not ASHA's state; starting with empty rungs")
             return
-        state = json.loads(storage.read_bytes(self.state_path))
         for bracket, saved_rungs in zip(self._brackets, state["rungs"]):
             for (_milestone, recorded), saved in zip(bracket._rungs, saved_rungs):
                 recorded.update(saved)
@@ -42,7 +42,7 @@ class ResumableASHA(AsyncHyperBandScheduler):
                  "trial_brackets": {trial_id: self._brackets.index(bracket)
                                     for trial_id, bracket in self._trial_info.items()},
                  "num_stopped": self._num_stopped}
-        storage.write_bytes(self.state_path, json.dumps(state).encode())
+        storage.write_json(self.state_path, state, indent=None)
 
     def on_trial_add(self, tune_controller, trial) -> None:
         self._load()

@@ -290,8 +290,16 @@ def _finite(value: Any) -> bool:
 
 
 def export_best(spec: SweepSpec, checkpoint: str, dest: str) -> tuple[str, dict | None]:
-    """Copy the checkpoint to ``dest`` (replacing it) and write its quality card there."""
+    """Copy the checkpoint to ``dest`` (replacing it) and write its quality card there. ``dest``
+    may be an s3:// / gs:// / file:// URI: the copy is made locally, then uploaded."""
     local = storage.localize(checkpoint)
+    if storage.is_uri(dest):
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="aigc-best-") as tmp:
+            _, card = export_best(spec, local, str(Path(tmp, "best")))
+            storage.upload_dir(str(Path(tmp, "best")), dest)
+        return dest, card
     target = Path(dest)
     if target.exists():
         shutil.rmtree(target)
@@ -310,7 +318,7 @@ def _write_summary(outcome: SweepOutcome, out: str) -> None:
                "mode": outcome.spec.mode, "epochs_budget": outcome.spec.epochs, "trial_epochs": outcome.trial_epochs,
                "best": dataclasses.asdict(outcome.best) if outcome.best else None, "exported": outcome.exported,
                "trials": [dataclasses.asdict(r) for r in outcome.rows]}
-    storage.write_bytes(storage.join(out, "summary.json"), json.dumps(summary, indent=2, default=str).encode())
+    storage.write_json(storage.join(out, "summary.json"), summary)
 
 
 def format_table(outcome: SweepOutcome) -> str:
