@@ -376,7 +376,7 @@ def test_schemathesis_finds_no_failure(server, tmp_path):
     cmd = [sys.executable, "-m", "schemathesis.cli", "--config-file", str(config), "run",
            f"http://127.0.0.1:{server['http_port']}/openapi.json", "--checks", "all", "--max-examples", "15",
            "--header", f"Authorization: Bearer {TOKEN}", "--seed", "1", "--no-color", "--workers", "2"]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)  # its cache stays there
     assert out.returncode == 0, out.stdout[-6000:] + out.stderr[-2000:]
 
 
