@@ -151,12 +151,31 @@ async def load(send, concurrency: int, duration: float, per_request: int, seen: 
     return summarize(lat, len(lat) * per_request, errors[0], time.perf_counter() - start)
 
 
-def http_sender(client):
+def http_sender(client, hops: list | None = None):
+    """hops: collects (client ms, {hop: ms}) from the Server-Timing header our ingress sends."""
     async def send(seed: int, n: int) -> str:
+        t = time.perf_counter()
         r = await client.post("/v1/generate", json={"num_images": n, "seed": seed})
         r.raise_for_status()
+        if hops is not None and "server-timing" in r.headers:
+            parts = dict(p.strip().split(";dur=") for p in r.headers["server-timing"].split(","))
+            hops.append(((time.perf_counter() - t) * 1e3, {k: float(v) for k, v in parts.items()}))
         return r.json()["model_version"]
     return send
+
+
+def hop_breakdown(hops: list) -> dict:
+    """Mean ms per hop: proxy+transport (client - ingress), ingress own work (ingress - model: routing, the
+    handle call, base64/JSON), the model replica's batch wait, forward pass and PNG encoding."""
+    if not hops:
+        return {}
+    n = len(hops)
+    mean = {k: sum(h[k] for _, h in hops) / n for k in hops[0][1]}
+    client = sum(c for c, _ in hops) / n
+    return {"client": round(client, 2), "proxy_and_transport": round(client - mean["ingress"], 2),
+            "ingress_and_handle_call": round(mean["ingress"] - mean["model"], 2),
+            "model_batch_wait_and_queue": round(mean["batch_wait"], 2), "model_forward": round(mean["forward"], 2),
+            "model_png": round(mean["png"], 2)}
 
 
 def grpc_sender(stub):
@@ -197,9 +216,13 @@ async def run_serve_modes(args, ckpt_a: str, ckpt_b: str, results: dict) -> None
                 await asyncio.to_thread(app.deploy, {**base, "checkpoints": [f"gen={ckpt_a}"], "max_batch_images": batch})
             await load(sender, 4, 1.0, args.images_per_request)  # warm-up
             for c in args.concurrency:
+                hops: list = []
+                if mode != "d_grpc_batched":
+                    sender = http_sender(client, hops)
                 results[mode][str(c)] = r = await load(sender, c, args.duration, args.images_per_request)
+                r["hops_ms"] = hop_breakdown(hops)
                 print(f"{mode:18s} c={c:<3d} {r['images_per_s']:8.1f} img/s  p50 {r['p50_ms']:8.1f} ms  "
-                      f"p99 {r['p99_ms']:8.1f} ms  errors {r['errors']}", flush=True)
+                      f"p99 {r['p99_ms']:8.1f} ms  errors {r['errors']}  hops {r['hops_ms']}", flush=True)
 
         # swap under load: batched deployment serving A; swap to B mid-run at concurrency 16
         seen: list = []

@@ -26,13 +26,14 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import JSONResponse, Response
-from pydantic import ValidationError
 from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from aigc_ray.serving.auth import OPEN_PATHS, bearer_ok, grpc_authorization
+from aigc_ray.serving.auth import OPEN_PATHS, bearer_ok
+from aigc_ray.serving.grpc_methods import GrpcMethods, Overloaded, Unavailable, field_errors
 from aigc_ray.serving.model import BadRequest, GeneratorModel
 from aigc_ray.serving.options import GenerateBody, ImagesOut, InterpolateBody, ReconstructBody, ServeOptions, deployed_openapi
 
@@ -43,8 +44,7 @@ RETRY_AFTER_S = 1
 logger = logging.getLogger("ray.serve")
 
 
-def _field_errors(errors: list[dict]) -> str:
-    return "; ".join(f"{'.'.join(str(p) for p in e['loc'] if p != 'body') or 'body'}: {e['msg']}" for e in errors)
+_field_errors = field_errors
 
 
 def _live() -> dict:
@@ -96,16 +96,21 @@ async def _invalid(_: Request, exc: RequestValidationError):
                         status_code=422)
 
 
-class Overloaded(Exception):
-    """The model's queue is full (Serve's max_queued_requests): 503 + Retry-After / RESOURCE_EXHAUSTED."""
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(_: Request, exc: StarletteHTTPException):  # e.g. a body that is not UTF-8 JSON (400)
+    return JSONResponse({"error": f"body: {exc.detail}" if exc.status_code == 400 else str(exc.detail)},
+                        status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
 
-class Unavailable(Exception):
-    """No model replica could take the request (one died, its replacement is starting): 503 + Retry-After."""
+_ERROR = {"content": {"application/json": {"schema": {"type": "object", "properties": {"error": {"type": "string"}}}}}}
+ERRORS = {400: {**_ERROR, "description": "body is not JSON"}, 401: {**_ERROR, "description": "bearer token missing"},
+          404: {**_ERROR, "description": "unknown model"}, 413: {**_ERROR, "description": "body too large"},
+          503: {**_ERROR, "description": "overloaded or no replica; see Retry-After"}}
 
 
-class TooLarge(BadRequest):
-    """A gRPC message over max_body_bytes: RESOURCE_EXHAUSTED, as gRPC itself answers an oversized message."""
+def _server_timing(model_ms: dict, ingress_s: float) -> str:
+    parts = {"ingress": ingress_s * 1e3, **model_ms}
+    return ", ".join(f"{k};dur={v:.2f}" for k, v in parts.items())
 
 
 class UnknownModel(BadRequest):
@@ -131,7 +136,7 @@ def _grid(result: dict) -> bytes:
 
 @serve.deployment(max_ongoing_requests=512, ray_actor_options={"num_cpus": 0})  # thin async proxy: no CPU reserved
 @serve.ingress(app)
-class Ingress:
+class Ingress(GrpcMethods):
     def __init__(self, models: dict[str, DeploymentHandle], options: dict):
         from ray.serve.metrics import Counter
 
@@ -235,11 +240,14 @@ class Ingress:
         return out
 
     @app.post("/v1/generate", response_model=ImagesOut, response_model_exclude_none=True,
-              responses={404: {"description": "unknown model"}, 503: {"description": "overloaded; see Retry-After"}})
-    async def generate(self, body: GenerateBody):
+              responses={**ERRORS, 200: {"content": {"image/png": {}}, "description": "JSON, or with grid: one PNG"}})
+    async def generate(self, body: GenerateBody, response: Response):
+        started = time.perf_counter()
         result = await self._http(self._generate(body.model_copy(update={"format": "png"}) if body.grid else body))
         if not isinstance(result, dict):
             return result
+        if "timing_ms" in result:  # hop by hop: ingress total, the model replica's share and its parts
+            response.headers["Server-Timing"] = _server_timing(result["timing_ms"], time.perf_counter() - started)
         if body.grid:
             return Response(_grid(result), media_type="image/png",
                             headers={"X-Model-Version": result["model_version"], "X-Seed": str(result["seeds"][0]),
@@ -247,13 +255,13 @@ class Ingress:
         return self._json(result)
 
     @app.post("/v1/interpolate", response_model=ImagesOut, response_model_exclude_none=True,
-              responses={404: {"description": "unknown model"}, 503: {"description": "overloaded; see Retry-After"}})
+              responses=ERRORS)
     async def interpolate(self, body: InterpolateBody):
         result = await self._http(self._interpolate(body))
         return self._json(result) if isinstance(result, dict) else result
 
     @app.post("/v1/reconstruct", response_model=ImagesOut, response_model_exclude_none=True,
-              responses={404: {"description": "unknown model"}, 503: {"description": "overloaded; see Retry-After"}})
+              responses=ERRORS)
     async def reconstruct(self, body: ReconstructBody):
         pngs, cap = [], self.options.max_image_bytes
         for i, text in enumerate(body.images):
@@ -296,104 +304,6 @@ class Ingress:
     @app.get("/docs", include_in_schema=False)
     async def docs(self):
         return get_swagger_ui_html(openapi_url="/openapi.json", title="aigc-ray")
-
-    # ---- gRPC (method names = service methods in serve/aigc.proto and grpc.health.v1) ------------
-
-    def _grpc_denied(self, grpc_context) -> bool:
-        import grpc
-
-        if bearer_ok(self.token, grpc_authorization(grpc_context.invocation_metadata())):
-            return False
-        self.rejected.inc(tags={"reason": "unauthorized"})
-        grpc_context.set_code(grpc.StatusCode.UNAUTHENTICATED)
-        grpc_context.set_details("authorization: missing or wrong bearer token (metadata 'authorization')")
-        return True
-
-    async def _grpc(self, grpc_context, build, empty=None):
-        import grpc
-
-        from aigc_ray.serving.proto import aigc_pb2
-
-        empty = empty or aigc_pb2.ImagesResponse
-        if self._grpc_denied(grpc_context):
-            return empty()
-        try:
-            result = await build()
-        except (BadRequest, ValidationError) as err:
-            code = grpc.StatusCode.RESOURCE_EXHAUSTED if isinstance(err, TooLarge) else grpc.StatusCode.INVALID_ARGUMENT
-            grpc_context.set_code(code)
-            grpc_context.set_details(_field_errors(err.errors()) if isinstance(err, ValidationError) else str(err))
-            return empty()
-        except (Overloaded, Unavailable) as err:
-            grpc_context.set_code(grpc.StatusCode.RESOURCE_EXHAUSTED if isinstance(err, Overloaded)
-                                  else grpc.StatusCode.UNAVAILABLE)
-            grpc_context.set_details(str(err))
-            return empty()
-        except asyncio.TimeoutError:
-            grpc_context.set_code(grpc.StatusCode.DEADLINE_EXCEEDED)
-            grpc_context.set_details("timeout: the model did not answer in time")
-            return empty()
-        except Exception as err:
-            grpc_context.set_code(grpc.StatusCode.INTERNAL)
-            grpc_context.set_details(self._internal("gRPC request", err))
-            return empty()
-        if isinstance(result, dict):
-            return aigc_pb2.ImagesResponse(model=result["model"], model_version=result["model_version"],
-                                           seeds=result["seeds"], images=result["images"])
-        return result
-
-    def _grpc_size(self, request) -> None:
-        size = request.ByteSize()
-        if size > self.options.max_body_bytes:  # Serve's proxy caps messages too (RAY_SERVE_GRPC_MAX_MESSAGE_SIZE)
-            self.rejected.inc(tags={"reason": "too_large"})
-            raise TooLarge(f"request: {size} bytes, over the {self.options.max_body_bytes}-byte limit")
-
-    async def Generate(self, request, grpc_context):  # noqa: N802 (gRPC method name)
-        def body():
-            return GenerateBody(model=request.model or None, num_images=request.num_images,
-                                seed=request.seed if request.HasField("seed") else None,
-                                labels=list(request.labels) or None)
-        return await self._grpc(grpc_context, lambda: self._generate(body()))
-
-    async def Interpolate(self, request, grpc_context):  # noqa: N802
-        def body():
-            return InterpolateBody(model=request.model or None, seed_a=request.seed_a, seed_b=request.seed_b,
-                                   steps=request.steps, label=request.label if request.HasField("label") else None)
-        return await self._grpc(grpc_context, lambda: self._interpolate(body()))
-
-    async def Reconstruct(self, request, grpc_context):  # noqa: N802
-        async def run():
-            self._grpc_size(request)
-            if not request.images:
-                raise BadRequest("images: give at least one PNG image")
-            return await self._reconstruct(request.model or None, list(request.images))
-        return await self._grpc(grpc_context, run)
-
-    async def ListModels(self, request, grpc_context):  # noqa: N802
-        from aigc_ray.serving.proto import aigc_pb2
-
-        async def run():
-            return aigc_pb2.ListModelsResponse(models=[aigc_pb2.ModelInfo(
-                name=i["name"], version=i["version"], family=i["family"], checkpoint=i["checkpoint"],
-                image_size=i["image_size"], channels=i["channels"], num_classes=i["num_classes"],
-                latent_dim=i["latent_dim"], card_json=json.dumps(i["card"]) if i["card"] else "",
-                last_error=i["last_error"]) for i in await self._infos()])
-        return await self._grpc(grpc_context, run, aigc_pb2.ListModelsResponse)
-
-    async def Check(self, request, grpc_context):  # noqa: N802 (grpc.health.v1.Health/Check; open without a token)
-        import grpc
-        from grpc_health.v1 import health_pb2
-
-        if request.service not in ("", "aigc.v1.Generator"):
-            grpc_context.set_code(grpc.StatusCode.NOT_FOUND)
-            grpc_context.set_details(f"service: unknown service {request.service!r}")
-            return health_pb2.HealthCheckResponse()
-        try:
-            await asyncio.wait_for(self._infos(), self.options.request_timeout_s)
-            status = health_pb2.HealthCheckResponse.SERVING
-        except Exception:
-            status = health_pb2.HealthCheckResponse.NOT_SERVING
-        return health_pb2.HealthCheckResponse(status=status)
 
 
 def _version(*parts: Any) -> str:

@@ -170,13 +170,17 @@ class GeneratorModel:
             chunks = [{"seeds": seeds[i:i + n], "labels": None if label_list is None else label_list[i:i + n]}
                       for i in range(0, len(seeds), n)]
             parts = await asyncio.gather(*(self._generate_batch(c) for c in chunks))
-            if any(isinstance(p, Exception) for p in parts) or len({v for v, _ in parts}) > 1:
+            if any(isinstance(p, Exception) for p in parts) or len({v for v, _, _ in parts}) > 1:
                 continue  # a swap landed between chunks (or changed the label rules): redo on the new model
             version = parts[0][0]
-            images = [img for _, imgs in parts for img in imgs]
-            self.latency_ms.observe((time.perf_counter() - started) * 1e3,
-                                    tags={"model": self.name, "model_version": version, "op": "generate"})
-            return {"model": self.name, "model_version": version, "seeds": seeds, "images": images}
+            images = [img for _, imgs, _ in parts for img in imgs]
+            total_ms = (time.perf_counter() - started) * 1e3
+            self.latency_ms.observe(total_ms, tags={"model": self.name, "model_version": version, "op": "generate"})
+            forward_ms, png_ms = (sum(t[k] for _, _, t in parts) for k in ("forward", "png"))
+            # where the time went inside this replica (the ingress turns it into a Server-Timing header)
+            timing = {"model": total_ms, "forward": forward_ms, "png": png_ms,
+                      "batch_wait": max(0.0, total_ms - forward_ms - png_ms)}
+            return {"model": self.name, "model_version": version, "seeds": seeds, "images": images, "timing_ms": timing}
         err = next((p for p in parts if isinstance(p, Exception)), None)
         raise BadRequest(str(err)) if err else RuntimeError("model swapped repeatedly during the request")
 
@@ -185,19 +189,13 @@ class GeneratorModel:
         pipe = self.pipe  # one model for the whole batch, even if reconfigure() swaps meanwhile
         seeds = [s for it in items for s in it["seeds"]]
         labels = None if items[0]["labels"] is None else [y for it in items for y in it["labels"]]
-        try:
-            images = await asyncio.to_thread(pipe.generate, seeds, labels)
+        try:  # forward pass and PNG encoding in one worker thread: the event loop stays free to queue requests
+            out = await asyncio.to_thread(_forward_and_encode, pipe, items, seeds, labels)
         except PipelineError as err:  # label rules changed under a swap: the caller retries
             return [BadRequest(str(err))] * len(items)
         tags = {"model": self.name, "model_version": pipe.version}
         self.batch_images.observe(len(seeds), tags=tags)
         self.images_total.inc(len(seeds), tags=tags)
-        out, i = [], 0
-        for it in items:
-            pngs = [png_bytes(images[i + j], png_text(pipe.version, s, None if it["labels"] is None else it["labels"][j]))
-                    for j, s in enumerate(it["seeds"])]
-            out.append((pipe.version, pngs))
-            i += len(it["seeds"])
         return out
 
     async def generate_array(self, seeds: list[int], labels: list[int] | None) -> dict[str, Any]:
@@ -239,6 +237,20 @@ class GeneratorModel:
             raise BadRequest(f"images: {err}") from None
         return {"model": self.name, "model_version": pipe.version, "seeds": [],
                 "images": [png_bytes(img, png_text(pipe.version)) for img in out]}
+
+
+def _forward_and_encode(pipe: GeneratorPipeline, items: list[dict], seeds: list[int], labels: list[int] | None):
+    """[(version, [PNG bytes], {"forward": ms, "png": ms of the whole batch})] per item."""
+    started = time.perf_counter()
+    images = pipe.generate(seeds, labels)  # (N, C, H, W) uint8
+    encoded = time.perf_counter()
+    pngs, i = [], 0
+    for it in items:
+        pngs.append([png_bytes(images[i + j], png_text(pipe.version, s, None if it["labels"] is None else it["labels"][j]))
+                     for j, s in enumerate(it["seeds"])])
+        i += len(it["seeds"])
+    timing = {"forward": (encoded - started) * 1e3, "png": (time.perf_counter() - encoded) * 1e3}
+    return [(pipe.version, p, timing) for p in pngs]
 
 
 def _decode_pngs(pngs: list[bytes], channels: int):

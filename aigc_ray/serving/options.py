@@ -9,11 +9,12 @@ schema says exactly what the deployment accepts.
 # annotations of request bodies then fail to resolve (pydantic "not fully defined").
 import dataclasses
 from pathlib import PurePosixPath
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 HARD_MAX_IMAGES = 4096  # schema-level cap; the configured max_num_images is checked on top
+MAX_SEED = 2**53 - 1  # exact in every JSON parser (a double): a larger bound is read differently by clients
 
 
 @dataclasses.dataclass
@@ -94,16 +95,26 @@ class ServeOptions:
 
 
 # ---- request bodies (pydantic: a wrong type or missing field -> 422 naming it) ----------------------
-# Integers are strict: JSON true/false or 3.0 are not a seed or a count.
+
+def _json_integer(value: Any) -> int:
+    """A JSON Schema integer: 3 or 3.0, never true/false or "3" (pydantic's lax int takes both)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (isinstance(value, float)
+                                                                          and not value.is_integer()):
+        raise ValueError("must be an integer (not a boolean, string or fraction)")
+    return int(value)
+
+
+JsonInt = Annotated[int, BeforeValidator(_json_integer)]
 
 
 class GenerateBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model: str | None = Field(None, description="served model name (GET /v1/models); default: the first that "
                                                 "can generate")
-    num_images: int = Field(1, ge=1, le=HARD_MAX_IMAGES, strict=True, description="1..max_num_images")
-    seed: int | None = Field(None, ge=0, lt=2**62, strict=True, description="image i uses seed + i; absent = random")
-    labels: list[int] | None = Field(None, min_length=1, max_length=HARD_MAX_IMAGES, strict=True,
+    num_images: JsonInt = Field(1, ge=1, le=HARD_MAX_IMAGES, description="1..max_num_images")
+    seed: JsonInt | None = Field(None, ge=0, le=MAX_SEED,
+                             description="image i uses seed + i; absent = random")
+    labels: list[JsonInt] | None = Field(None, min_length=1, max_length=HARD_MAX_IMAGES,
                                      description="class-conditional models: one label for all, or one per image")
     format: Literal["png", "npy"] = Field("png", description="png: base64 PNG per image; npy: one uint8 NCHW array")
     grid: bool = Field(False, strict=True, description="answer with one PNG grid (image/png) instead of JSON")
@@ -112,10 +123,10 @@ class GenerateBody(BaseModel):
 class InterpolateBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model: str | None = Field(None, description="served model name; default: the first that can generate")
-    seed_a: int = Field(..., ge=0, lt=2**62, strict=True)
-    seed_b: int = Field(..., ge=0, lt=2**62, strict=True)
-    steps: int = Field(8, ge=2, le=HARD_MAX_IMAGES, strict=True, description="2..max_num_images")
-    label: int | None = Field(None, ge=0, strict=True, description="class-conditional models only")
+    seed_a: JsonInt = Field(..., ge=0, le=MAX_SEED)
+    seed_b: JsonInt = Field(..., ge=0, le=MAX_SEED)
+    steps: JsonInt = Field(8, ge=2, le=HARD_MAX_IMAGES, description="2..max_num_images")
+    label: JsonInt | None = Field(None, ge=0, description="class-conditional models only")
 
 
 class ReconstructBody(BaseModel):
