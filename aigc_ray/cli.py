@@ -170,7 +170,7 @@ def cmd_promote(args: argparse.Namespace) -> int:
         if not err.rescorable or args.no_rescore:
             raise
         print(f"re-scoring {candidate} on the served card's protocol ({err})", file=sys.stderr)
-        card = pr.rescore_like(candidate, current)
+        card = pr.rescore_like(candidate, current, dataset=args.dataset, data_root=args.data_root)
     verdict = pr.compare_cards(current, card, args.metric, args.min_gain)
     print(pr.side_by_side(current, card))
     print(f"\n{'PROMOTE' if verdict.promote else 'REFUSED'} {candidate} for {args.model}: {verdict.reason}")
@@ -303,6 +303,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metric", default="fid", help="card metric to compare (default: fid, lower is better)")
     p.add_argument("--min-gain", type=float, default=0.05, help="required relative improvement (default 0.05)")
     p.add_argument("--no-rescore", action="store_true", help="refuse instead of re-scoring on another sample count/seed")
+    p.add_argument("--dataset", help="for a re-score: the prepared dataset directory the cards were measured on "
+                                     "(default: found by content hash under --data-root)")
+    p.add_argument("--data-root", help="for a re-score: where prepared datasets are cached (default ~/.cache/aigc-ray)")
     p.set_defaults(func=cmd_promote)
 
     p = sub.add_parser("serve", help="serve checkpoints over HTTP and gRPC with Ray Serve (until Ctrl-C)",

@@ -180,9 +180,13 @@ def served_card(url: str, name: str, timeout_s: float = 10.0) -> tuple[dict[str,
     return info["card"], {f: info.get(f) for f in INTERFACE_FIELDS}
 
 
-def rescore_like(checkpoint: str, reference: dict[str, Any]) -> dict[str, Any]:
-    """The candidate's card re-measured on `reference`'s sample count and seed (needs the dataset locally)."""
+def rescore_like(checkpoint: str, reference: dict[str, Any], dataset: str | None = None,
+                 data_root: str | None = None) -> dict[str, Any]:
+    """The candidate's card re-measured on `reference`'s sample count and seed. The dataset is found
+    by content hash (``dataset`` / ``data_root``, as `aigc-ray eval` takes them), never where the
+    candidate checkpoint says."""
     from aigc_ray.eval import evaluate_checkpoint
 
     p = reference["protocol"]
-    return evaluate_checkpoint(checkpoint, num_samples=p["num_samples"], seed=p["seed"], write_card=False)["card"]
+    return evaluate_checkpoint(checkpoint, num_samples=p["num_samples"], seed=p["seed"], write_card=False,
+                               dataset=dataset, data_root=data_root)["card"]

@@ -158,7 +158,8 @@ def test_cli_promote_rescores_a_candidate_measured_with_another_count_and_seed(t
     served, _ = _checkpoint(tmp_path, "served", 1e6, content_hash=content_hash)  # any real FID beats it
     candidate = _untrained_checkpoint(tmp_path / "candidate", cfg, prepared)
     write_card(candidate, card(1.0, "candidate", content_hash=content_hash, num_samples=100, seed=3))
-    code = cli_main(["promote", "--model", "digits", "--checkpoint", candidate, "--served", served])
+    code = cli_main(["promote", "--model", "digits", "--checkpoint", candidate, "--served", served,
+                     "--data-root", str(data_root)])
     captured = capsys.readouterr()
     assert "re-scoring" in captured.err and "num_samples: served 64 vs candidate 100" in captured.err
     rescored = captured.out.split("candidate:")[-1]

@@ -22,7 +22,7 @@ def test_a_shape_changing_rerun_names_the_fields_and_the_way_out(tmp_path):
     cfg = tiny_config(tmp_path, "vae").with_overrides({"train.name": "R"})
     run = tmp_path / "runs" / "R"
     _checkpoint(run, "checkpoint_1", cfg, 1)
-    check_resumable(str(run), cfg.with_overrides({"model.beta": 4.0}))  # same shapes: resumes
+    check_resumable(str(run), cfg.with_overrides({"model.options.beta": 4.0}))  # same shapes: resumes
     with pytest.raises(ValueError, match=r"model.latent_dim=8, model.width=8 but this run asks for "
                                          r"model.latent_dim=16, model.width=16.*new --name"):
         check_resumable(str(run), cfg.with_overrides({"model.width": 16, "model.latent_dim": 16}))

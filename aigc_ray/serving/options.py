@@ -112,8 +112,10 @@ class GenerateBody(BaseModel):
     model: str | None = Field(None, description="served model name (GET /v1/models); default: the first that "
                                                 "can generate")
     num_images: JsonInt = Field(1, ge=1, le=HARD_MAX_IMAGES, description="1..max_num_images")
-    seed: JsonInt | None = Field(None, ge=0, le=MAX_SEED,
-                             description="image i uses seed + i; absent = random")
+    # the bounds sit on the integer, not on the Optional: pydantic writes a union's ge/le as
+    # non-JSON-Schema keywords, which clients (and schemathesis) ignore
+    seed: Annotated[int, Field(ge=0, le=MAX_SEED), BeforeValidator(_json_integer)] | None = Field(
+        None, description="image i uses seed + i; absent = random")
     labels: list[JsonInt] | None = Field(None, min_length=1, max_length=HARD_MAX_IMAGES,
                                      description="class-conditional models: one label for all, or one per image")
     format: Literal["png", "npy"] = Field("png", description="png: base64 PNG per image; npy: one uint8 NCHW array")
@@ -126,7 +128,8 @@ class InterpolateBody(BaseModel):
     seed_a: JsonInt = Field(..., ge=0, le=MAX_SEED)
     seed_b: JsonInt = Field(..., ge=0, le=MAX_SEED)
     steps: JsonInt = Field(8, ge=2, le=HARD_MAX_IMAGES, description="2..max_num_images")
-    label: JsonInt | None = Field(None, ge=0, description="class-conditional models only")
+    label: Annotated[int, Field(ge=0), BeforeValidator(_json_integer)] | None = Field(
+        None, description="class-conditional models only")
 
 
 class ReconstructBody(BaseModel):

@@ -294,6 +294,11 @@ def init_ray(address: str | None = None, workers: int = 1) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
+        # One machine: no node can be drained, so Train V2's PreemptionWatcher (an actor per run
+        # that polls for draining nodes) has nothing to watch, and its shutdown prints a
+        # core_worker error line that reads like a failure. Ray passes the driver's value on to
+        # the controller; a value the user sets wins.
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
         cores = os.cpu_count() or 1
         ray.init(num_cpus=max(cores, workers) + 1)
 
