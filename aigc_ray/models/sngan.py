@@ -27,7 +27,7 @@ from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 
 from aigc_ray.config import ConfigError
-from aigc_ray.models.dcgan import DCGANGenerator, _channels, num_upsamplings
+from aigc_ray.models.dcgan import DCGANDiscriminator, DCGANGenerator, _channels, num_upsamplings
 from aigc_ray.models.diffaugment import check_policy, parse_policy
 from aigc_ray.models.registry import Capabilities, ModelFamily, TrainNets, register
 from aigc_ray.models.steps import hinge_step
@@ -46,14 +46,8 @@ class SNDiscriminator(nn.Module):
         self.head = spectral_norm(nn.Linear(feat_dim, 1))
         self.label_projection = spectral_norm(nn.Embedding(num_classes, feat_dim)) if num_classes else None
 
-    def forward(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        h = self.features(images)
-        logits = self.head(h).squeeze(1)
-        if self.label_projection is not None:
-            if labels is None:
-                raise ValueError("this discriminator is class-conditional: pass labels")
-            logits = logits + (self.label_projection(labels) * h).sum(dim=1)
-        return logits
+    # the same projection-discriminator head as DCGAN's: logit = head(h) + <embed(y), h>
+    forward = DCGANDiscriminator.forward
 
 
 @dataclass
