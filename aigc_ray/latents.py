@@ -12,6 +12,9 @@ that any language can reproduce it (no library RNG whose stream may change betwe
       r = sqrt(-2 ln u1), t = 2 pi u2               (Box-Muller, in float64)
       element 2j = r cos t, element 2j + 1 = r sin t, then rounded to float32
 
+A class-conditional model asked for images without labels draws class `s mod num_classes` for seed
+s (`seed_labels`), so a seed alone still names one image, and seeds 0..k-1 cover the classes evenly.
+
 The integer part is exact on every machine; the float64 transcendentals can differ by an ulp
 between maths libraries, which survives the rounding to float32 about once in 10^8 elements.
 """
@@ -43,3 +46,8 @@ def seed_latents(seeds: list[int], latent_dim: int) -> np.ndarray:
     r, t = np.sqrt(-2.0 * np.log(u1)), 2.0 * np.pi * u2
     z = np.stack([r * np.cos(t), r * np.sin(t)], axis=2).reshape(len(seeds), 2 * pairs)  # interleaved
     return z[:, :latent_dim].astype(np.float32)
+
+
+def seed_labels(seeds: list[int], num_classes: int) -> list[int]:
+    """The class a conditional model draws for each seed when no labels are given: seed mod num_classes."""
+    return [s % num_classes for s in seeds]

@@ -14,7 +14,7 @@ import torch
 from torchvision.io import encode_png
 from torchvision.utils import make_grid
 
-from aigc_ray.latents import seed_latents
+from aigc_ray.latents import seed_labels, seed_latents
 from aigc_ray.models import get_family
 from aigc_ray.models.checkpoint import load_generator, model_version
 
@@ -51,14 +51,16 @@ class GeneratorPipeline:
         """(N, latent_dim) standard-normal noise, row i drawn from seed seeds[i] (aigc_ray.latents)."""
         return torch.from_numpy(seed_latents(seeds, self.latent_dim)).to(self.device)
 
-    def check_labels(self, labels: list[int] | None, count: int) -> torch.Tensor | None:
+    def check_labels(self, labels: list[int] | None, seeds: list[int]) -> torch.Tensor | None:
+        """The labels for `seeds` (one label = all); a conditional model given none draws class
+        seed mod num_classes for each seed (aigc_ray.latents.seed_labels)."""
+        count = len(seeds)
         if self.num_classes == 0:
             if labels:
                 raise PipelineError(f"labels: model {self.version} is unconditional; omit labels")
             return None
         if not labels:
-            raise PipelineError(f"labels: model {self.version} is class-conditional; give {count} labels "
-                                f"in [0, {self.num_classes - 1}] (or one for all)")
+            labels = seed_labels(seeds, self.num_classes)
         if len(labels) == 1:
             labels = labels * count
         if len(labels) != count:
@@ -76,7 +78,7 @@ class GeneratorPipeline:
         return to_uint8(self.spec.sample(self.model, z, labels))
 
     def generate(self, seeds: list[int], labels: list[int] | None = None) -> torch.Tensor:
-        return self.decode(self.latents(seeds), self.check_labels(labels, len(seeds)))
+        return self.decode(self.latents(seeds), self.check_labels(labels, seeds))
 
     def interpolate(self, seed_a: int, seed_b: int, steps: int, label: int | None = None) -> torch.Tensor:
         """Spherical interpolation between the latents of two seeds: (steps, C, S, S) uint8."""
@@ -84,7 +86,7 @@ class GeneratorPipeline:
         t = torch.linspace(0, 1, steps, device=self.device)[:, None]
         omega = torch.arccos((a / a.norm() * b / b.norm()).sum().clamp(-1 + 1e-6, 1 - 1e-6))
         z = (torch.sin((1 - t) * omega) * a + torch.sin(t * omega) * b) / torch.sin(omega)
-        labels = self.check_labels(None if label is None else [label], steps)
+        labels = self.check_labels(None if label is None else [label], [seed_a] * steps)
         return self.decode(z, labels)
 
     @torch.inference_mode()

@@ -62,14 +62,14 @@ class OfflineGenerator:
         self.version = meta["model_version"]
         self.latent_dim, self.num_classes = int(meta["latent_dim"]), int(meta["num_classes"])
 
-    def check_labels(self, labels: list[int] | None, count: int) -> np.ndarray | None:
+    def check_labels(self, labels: list[int] | None, seeds: list[int]) -> np.ndarray | None:
+        count = len(seeds)
         if not self.num_classes:
             if labels:
                 raise ValueError(f"labels: model {self.version} is unconditional; omit --labels")
             return None
-        if not labels:
-            raise ValueError(f"labels: model {self.version} is class-conditional; give --labels in "
-                             f"[0, {self.num_classes - 1}]")
+        if not labels:  # the rule's class for each seed: seed mod num_classes
+            labels = [s % self.num_classes for s in seeds]
         labels = labels * count if len(labels) == 1 else labels
         if len(labels) != count:
             raise ValueError(f"labels: got {len(labels)} labels for {count} images")
@@ -80,7 +80,7 @@ class OfflineGenerator:
     def generate(self, seeds: list[int], labels: list[int] | None = None) -> np.ndarray:
         """uint8 (N, C, S, S) images for `seeds`."""
         feeds = {"z": seed_latents(seeds, self.latent_dim)}
-        checked = self.check_labels(labels, len(seeds))
+        checked = self.check_labels(labels, seeds)
         if checked is not None:
             feeds["labels"] = checked
         return self.session.run(None, feeds)[0]
@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    per_image = None if labels is None else (labels * len(seeds) if len(labels) == 1 else labels)
+    per_image = None if not gen.num_classes else gen.check_labels(labels, seeds).tolist()
     for i, seed in enumerate(seeds):
         save_png(images[i], out / f"seed-{seed}.png", gen.version, seed, None if per_image is None else per_image[i])
     print(out)

@@ -182,6 +182,15 @@ def test_offline_generator_writes_the_servers_labelled_pngs(tmp_path):
         assert img.text["AI-Generated"].startswith("true") and img.text["Label"] == "2"
         got = np.asarray(img)
         assert np.abs(got.astype(int) - want[i, 0].numpy().astype(int)).max() <= 1
+    # no labels: the pipeline's rule, class seed mod num_classes
+    run = subprocess.run([sys.executable, str(script), str(tmp_path / "g.onnx"), "--seed", "7", "--num-images", "2",
+                          "--out", str(tmp_path / "nolabels")], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    want = pipe.generate([7, 8])
+    for i, seed in enumerate((7, 8)):
+        img = Image.open(tmp_path / "nolabels" / f"seed-{seed}.png")
+        assert img.text["Label"] == str(seed % 3)
+        assert np.abs(np.asarray(img).astype(int) - want[i, 0].numpy().astype(int)).max() <= 1
     bad = subprocess.run([sys.executable, str(script), str(tmp_path / "g.onnx"), "--labels", "7",
                           "--out", str(tmp_path / "o2")], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "labels" in bad.stderr and "[0, 2]" in bad.stderr

@@ -51,6 +51,8 @@ def test_family_trains_samples_generates_and_serves(ray_session, tmp_path, data_
         images = pipe.generate([5, 6], labels)
         assert images.shape == (2, 1, 8, 8) and images.dtype == torch.uint8
         assert torch.equal(images, pipe.generate([5, 6], labels))  # same seeds, same bytes
+        if num_classes:  # no labels: class seed mod num_classes, so a seed alone names one image
+            assert torch.equal(pipe.generate([13, 4]), pipe.generate([13, 4], [3, 4]))
         out = tmp_path / "gen.png"
         argv = ["generate", "--checkpoint", outcome.checkpoint, "--num-images", "4", "--out", str(out)]
         assert cli.main(argv + (["--labels", "7"] if num_classes else [])) == 0

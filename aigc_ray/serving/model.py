@@ -160,7 +160,7 @@ class GeneratorModel:
         for _ in range(3):
             pipe = self.pipe
             try:
-                checked = pipe.check_labels(labels, len(seeds))
+                checked = pipe.check_labels(labels, seeds)
             except PipelineError as err:
                 raise BadRequest(str(err)) from None
             if not pipe.can_generate:
