@@ -70,9 +70,11 @@ def test_vae_metric_check_and_cli_rejects_before_starting(tmp_path, capsys):
 
 
 def test_shipped_specs_and_their_smoke_variants_are_valid():
-    for name in ("dcgan_asha", "vae_asha", "dcgan_pbt"):
-        full = load_spec(Path("tune") / f"{name}.yaml")
-        smoke = load_spec(Path("tune") / f"{name}.yaml", smoke=True)
+    shipped = sorted(Path("tune").glob("*.yaml"))
+    assert {p.stem for p in shipped} >= {"dcgan_asha", "vae_asha", "dcgan_pbt", "sngan_asha", "digits_recipe_asha"}
+    for path in shipped:
+        full = load_spec(path)
+        smoke = load_spec(path, smoke=True)
         assert full.metric == "fid" and smoke.name == f"{full.name}-smoke"
         assert smoke.num_samples == 4 and smoke.epochs == 2
         assert smoke.base_config().data.image_size == 8
