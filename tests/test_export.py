@@ -33,6 +33,7 @@ CASES = [
     ("wgan-gp", "wgan-gp", {"channels": 3}, "generate"),
     ("seed-recipe", "seed-recipe", {}, "generate"),
     ("vae", "vae", {}, "generate"),
+    ("vae-mixture", "vae", {"options": {"prior": "mixture", "mixture_components": 3}}, "generate"),
     ("vae-encode", "vae", {}, "encode"),
     ("ae-reconstruct", "ae", {}, "reconstruct"),
     ("vae-reconstruct", "vae", {}, "reconstruct"),
@@ -57,6 +58,12 @@ def make_checkpoint(directory: Path, family: str, card: dict | None = None, **mo
                 b.normal_(0, 0.2)
             elif name.endswith("running_var"):
                 b.uniform_(0.5, 2.0)
+            elif name.endswith("mix_count"):  # a fitted mixture prior: unequal weights, spread means
+                b.uniform_(1.0, 5.0)
+            elif name.endswith("mix_sum"):
+                b.normal_(0, 1.0)
+            elif name.endswith("mix_scale"):
+                b.mul_(2.0)
     save_checkpoint(directory, experiment=cfg, served_state=model_.state_dict(), step=7, epoch=1, ema=False,
                     dataset={})
     if card is not None:

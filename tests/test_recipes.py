@@ -186,3 +186,32 @@ def test_vae_step_with_the_standard_prior_keeps_old_checkpoints_loadable():
     assert not any(k.startswith("prior_") for k in model.state_dict())  # same keys as before the option
     out = vae_step(model, torch.optim.Adam(model.parameters()), torch.zeros(4, 1, 8, 8), StepContext(), 1.0, "bce", True)
     assert set(out) == {"loss", "recon", "kl"}
+
+
+def test_vae_mixture_prior_finds_the_modes_of_the_encodings_and_samples_them_by_weight():
+    from aigc_ray.models.vae import VAE
+
+    model = VAE(8, 1, 2, 8, mixture_components=3)
+    centres = torch.tensor([[-6.0, 0.0], [0.0, 6.0], [6.0, 0.0]])
+    share = torch.tensor([0.5, 0.3, 0.2])
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(300):  # online hard EM on three well-separated clusters of posterior means
+        which = torch.multinomial(share, 64, replacement=True, generator=gen)
+        mu = centres[which] + 0.3 * torch.randn(64, 2, generator=gen)
+        model._track_mixture(mu, torch.full((64, 2), -6.0))
+    weights = model.mix_count / model.mix_count.sum()
+    means = model.mix_sum / model.mix_count[:, None]
+    order = torch.cdist(centres, means).argmin(1)  # the component that found each centre
+    assert sorted(order.tolist()) == [0, 1, 2]
+    assert torch.allclose(means[order], centres, atol=0.2)
+    assert torch.allclose(weights[order], share, atol=0.05)
+    # samples: seeds stay seeds, each component drawn by its weight, spread by its covariance
+    z = torch.randn(6000, 2, generator=gen)
+    latents = model._mixture_latents(z)
+    assert torch.equal(latents, model._mixture_latents(z))
+    drawn = torch.cdist(latents, centres).argmin(1)
+    assert torch.allclose(torch.bincount(drawn, minlength=3) / 6000.0, share, atol=0.03)
+    assert 0.2 < float(latents[drawn == 0].std(0).mean()) < 0.5
+    for bad in (0, 65, 2.5):
+        with pytest.raises(ConfigError, match="model.options.mixture_components"):
+            ModelConfig(family="vae", options={"prior": "mixture", "mixture_components": bad})
