@@ -164,6 +164,13 @@ class SweepSpec:
     """Per-trial resources."""
     max_concurrent_trials: int = 0
     """Trials running at once; 0 = as many as the cluster's CPUs/GPUs fit."""
+    start_timeout_s: float = 180.0
+    """Seconds a trial's Train run may take to start: its workers placed, then its data's first
+    batch read. Past it the trial fails with a message naming the resources it waited for and
+    who holds them, and the sweep goes on. Sized to a loaded 2-core machine, where a smoke trial
+    starts in about 30 s."""
+    status_every_s: float = 60.0
+    """Seconds between the sweep's status lines (running trials, waiting, finished, failed)."""
 
     def __post_init__(self) -> None:
         _check(isinstance(self.name, str) and self.name.replace("-", "").replace("_", "").isalnum(),
@@ -174,6 +181,9 @@ class SweepSpec:
         _check(self.mode in ("min", "max"), f"mode={self.mode!r} must be min or max")
         _check(self.eval_every >= 1, "eval_every must be >= 1")
         _check(self.max_concurrent_trials >= 0, "max_concurrent_trials must be >= 0")
+        _check(self.start_timeout_s > 0, "start_timeout_s must be > 0")
+        _check(0 < self.status_every_s <= 60,
+               "status_every_s must be in (0, 60]: a sweep says what it does at least every minute")
         _check(self.eval_samples == 0 or self.eval_samples >= 10, "eval_samples must be 0 or >= 10")
         _check(len(self.space) > 0, "space is empty: a sweep needs at least one searched key")
         self.base_config()  # resolves and validates base + overrides + every searched value
@@ -269,7 +279,7 @@ class SweepSpec:
 
 _TOP_KEYS = {f.name for f in dataclasses.fields(SweepSpec)}
 _SMOKE_KEYS = {"overrides", "space", "scheduler", "num_samples", "epochs", "eval_every", "eval_samples", "resources",
-               "max_concurrent_trials"}
+               "max_concurrent_trials", "start_timeout_s", "status_every_s"}
 
 
 def _typed(cls, raw: Any, where: str):
@@ -335,6 +345,10 @@ def spec_from_dict(raw: Any, *, smoke: bool = False) -> SweepSpec:
         if key in kwargs:
             v = kwargs[key]
             _check(isinstance(v, typ) and not isinstance(v, bool), f"{key} must be {typ.__name__}, got {v!r}")
+    for key in ("start_timeout_s", "status_every_s"):
+        if key in kwargs:
+            v = kwargs[key]
+            _check(isinstance(v, (int, float)) and not isinstance(v, bool), f"{key} must be a number of seconds, got {v!r}")
     if smoke:
         kwargs["name"] = f"{kwargs['name']}-smoke"
     return SweepSpec(**kwargs)
