@@ -86,6 +86,9 @@ class SchedulerSpec:
     """ASHA: keep the top 1/reduction_factor of trials at each rung."""
     brackets: int = 1
     """ASHA: number of brackets."""
+    min_rung_results: int = 1
+    """ASHA: results a rung must hold before it stops anyone; above 1, a trial that passed a rung
+    early is judged again once the rung holds that many (1: Tune's ASHA, first arrivals pass)."""
     perturbation_interval: int = 2
     """PBT: epochs between exploit/explore decisions (each trial trains this long per segment)."""
     quantile_fraction: float = 0.25
@@ -103,6 +106,7 @@ class SchedulerSpec:
         _check(self.grace_period >= 1, "scheduler.grace_period must be >= 1")
         _check(self.reduction_factor > 1, "scheduler.reduction_factor must be > 1")
         _check(self.brackets >= 1, "scheduler.brackets must be >= 1")
+        _check(self.min_rung_results >= 1, "scheduler.min_rung_results must be >= 1")
         _check(self.perturbation_interval >= 1, "scheduler.perturbation_interval must be >= 1")
         _check(0 < self.quantile_fraction <= 0.5, "scheduler.quantile_fraction must be in (0, 0.5]")
         _check(0 <= self.resample_probability <= 1, "scheduler.resample_probability must be in [0, 1]")

@@ -159,7 +159,8 @@ def _scheduler(spec: SweepSpec, experiment: str):
     s = spec.scheduler
     if s.type == "asha":
         return ResumableASHA(storage.join(experiment, "asha_rungs.json"), time_attr="epoch", max_t=spec.epochs,
-                             grace_period=s.grace_period, reduction_factor=s.reduction_factor, brackets=s.brackets)
+                             grace_period=s.grace_period, reduction_factor=s.reduction_factor, brackets=s.brackets,
+                             min_rung_results=s.min_rung_results)
     if s.type == "pbt":
         dims = {d.key: d for d in spec.space}
         mutations = {k: (dims[k].values if dims[k].kind in ("choice", "grid") else _domain(dims[k]))
