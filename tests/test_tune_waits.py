@@ -90,7 +90,7 @@ def test_sweep_reports_a_trial_whose_data_cannot_start_and_goes_on(ray_session, 
 
     raw = _spec(name="stall", num_samples=1, epochs=1, max_concurrent_trials=1, start_timeout_s=10, status_every_s=2,
                 space={"data.cache_in_memory_mb": {"grid": [0, 512]}}, scheduler={"type": "fifo"})
-    raw["overrides"]["data.data_root"] = str(data_root)
+    raw["overrides"] |= {"data.data_root": str(data_root), "train.max_failures": 0}  # (a retry fails at once)
     pg = hog(free=1.5)
     outcome = run_sweep(spec_from_dict(yaml.safe_load(yaml.safe_dump(raw))), out=str(tmp_path / "out"), export=False)
     rows = {r.params["data.cache_in_memory_mb"]: r for r in outcome.rows}

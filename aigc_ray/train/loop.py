@@ -160,10 +160,15 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if loop_config.get("in_memory"):
         images, labels = load_split(dataset_info["prepared"], "train")
         preloaded = images[rank::world], labels[rank::world]
+    # the run's start (placement, workers, first batch) has one deadline: a retry after a start
+    # timeout fails at once instead of waiting again; a recovery of a run that had trained (it
+    # has a checkpoint) gets a fresh bound
     start_timeout_s = loop_config.get("start_timeout_s")
+    if start_timeout_s and not checkpoint:
+        start_timeout_s = max(loop_config["start_deadline"] - time.time(), 0.01)
     batches = ShardBatches(None if preloaded else ray.train.get_dataset_shard("train"), local_batch, device,
                            cfg.data.cache_in_memory_mb, cfg.train.seed * 1000 + rank, preloaded, start_timeout_s,
-                           lambda: f"run {cfg.run_name}: no first batch from Ray Data within {start_timeout_s:g}s: "
+                           lambda: f"run {cfg.run_name}: no first batch from Ray Data in time: "
                            + describe_wait({"CPU": 1.0}, "its read and decode tasks (1 CPU each)",
                                            placement_labels(record and os.path.dirname(record))))
     z_fixed, labels_fixed = fixed_noise(cfg, device)
@@ -375,6 +380,7 @@ def build_trainer(cfg: ExperimentConfig, *, callbacks=(), validation_config=None
                            "validate": validation_config is not None or inline_eval,
                            "inline_eval": inline_eval, "unscored_fid": own_validation, "in_memory": in_memory,
                            "start_timeout_s": start_timeout_s, "trial": trial,
+                           "start_deadline": time.time() + (start_timeout_s or 0),
                            "placement_record": placement_record},
         scaling_config=ScalingConfig(num_workers=cfg.train.workers, use_gpu=cfg.train.use_gpu,
                                      resources_per_worker={"CPU": cpus}),
