@@ -14,6 +14,8 @@ bench/results/tune_soak.jsonl as it ends; the summary is printed at the end.
 
     python bench/tune_soak.py --sweeps 30 --ray-data --decoy
     python bench/tune_soak.py --sweeps 2 --timeout 300         # a short run
+
+tests/test_tune_waits.py runs one sweep of it on the test session's cluster (--address).
 """
 
 from __future__ import annotations
@@ -107,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--decoy", action="store_true", help="a second, idle Ray instance beside each sweep")
     parser.add_argument("--lock", default="/tmp/aigc-ray-ray.lock", help="taken per sweep; '' for none")
     parser.add_argument("--budget", type=float, default=0.0, help="start no sweep after this many seconds (0: none)")
+    parser.add_argument("--address", default=None, help="run the sweeps on this Ray cluster instead of a local Ray each")
     parser.add_argument("--out", default=None, help="working directory (default: a temporary one)")
     parser.add_argument("--results", default=str(ROOT / "bench" / "results" / "tune_soak.jsonl"))
     args = parser.parse_args(argv)
@@ -116,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     spec = soak_spec(out / "soak.yaml", args.ray_data)
     env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1", RAY_TRAIN_V2_ENABLED="1")
     env.pop("RAY_ADDRESS", None)  # every sweep starts its own local Ray, as a user's would
+    if args.address:
+        env["RAY_ADDRESS"] = args.address
     results_path = Path(args.results)
     results_path.parent.mkdir(parents=True, exist_ok=True)
     began, records = time.monotonic(), []

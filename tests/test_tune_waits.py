@@ -102,3 +102,21 @@ def test_sweep_reports_a_trial_whose_data_cannot_start_and_goes_on(ray_session, 
     assert "ERROR" in table and "could not start within 10s" in table
     err = capfd.readouterr().err
     assert "sweep stall at" in err and "running 1" in err  # the status line
+
+
+def test_soak_short(ray_session, tmp_path):
+    """The soak bench's short version: one smoke sweep through Ray Data, ASHA stopping a trial
+    while it trains its second epoch, bounded; no hang, no failed trial."""
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+    import tune_soak
+
+    results = tmp_path / "soak.jsonl"
+    rc = tune_soak.main(["--sweeps", "1", "--timeout", "400", "--ray-data", "--lock", "", "--out", str(tmp_path / "w"),
+                         "--address", ray_session.get_runtime_context().gcs_address, "--results", str(results)])
+    record = json.loads(results.read_text())
+    assert rc == 0 and not record["hung"] and record["rc"] == 0, record
+    assert record["trials"] == 4 and record["failed"] == 0 and record["stopped_early"] >= 1
