@@ -88,12 +88,17 @@ def _fit(trainer, sweep: dict[str, Any], trial_id: str):
                 + describe_wait(need, f"its {scaling.num_workers} worker(s)' placement group",
                                 watch.labels(sweep["train_storage"]))) from None
         for failure in (getattr(err, "worker_failures", None) or {}).values():
-            text = str(failure)
-            if "StartTimeout" in text:  # raised in a worker: waits.first_batch_within
-                message = text[text.rindex("StartTimeout") + len("StartTimeout"):].lstrip(": ").strip()
+            cause = failure if isinstance(failure, StartTimeout) else getattr(failure, "cause", None)
+            text = str(cause) if isinstance(cause, StartTimeout) else _after("StartTimeout", str(failure))
+            if text:  # raised in a worker: waits.first_batch_within
                 raise StartTimeout(f"trial {trial_id} could not start within {timeout:g}s (start_timeout_s): "
-                                   + message.splitlines()[0]) from None
+                                   + text.strip().splitlines()[0]) from None
         raise
+
+
+def _after(name: str, text: str) -> str:
+    """The message after the last "<...>name: " in a traceback's text, or ""."""
+    return text[text.rindex(name) + len(name):].lstrip(": ") if name in text else ""
 
 
 def run_trial(config: dict[str, Any], sweep: dict[str, Any]) -> None:
