@@ -92,7 +92,7 @@ class SweepWatch(ray.tune.Callback):
             print(f"[{trial.trial_id}] released its workers' placement group {released[:12]} (its Train "
                   "controller ended with the trial)", file=sys.stderr, flush=True)
 
-    def on_step(self, iteration, trials, **info):
+    def on_step_end(self, iteration, trials, **info):
         now = time.monotonic()
         if now >= self.next_line:
             self.next_line = now + self.every_s
