@@ -67,18 +67,38 @@ def test_workers_that_cannot_be_placed_fail_naming_the_holder(ray_session, hog, 
     print(f"failed after {time.monotonic() - began:.1f}s")  # (printed, not asserted: timing is noisy here)
 
 
-def test_release_placement_frees_an_ended_trials_workers(ray_session, tmp_path):
+def test_an_ended_trials_placement_group_is_released_once_its_workers_are_gone(ray_session, tmp_path):
+    """What the sweep does for a trial whose Train controller died with it (ASHA's stops): the
+    workers' placement group is removed, but never under a live worker (its controller would
+    only retry the worker group)."""
+    import ray
     from ray.util.placement_group import placement_group, placement_group_table
 
     from aigc_ray import storage
-    from aigc_ray.tuning.watch import SweepWatch, placement_record
+    from aigc_ray.tuning.watch import RELEASE_GRACE_S, SweepWatch, placement_record
+
+    @ray.remote(num_cpus=0)
+    class Worker:
+        def actor_id(self):
+            return ray.get_runtime_context().get_actor_id()
 
     pg = placement_group([{"CPU": 0.5}])
     assert pg.wait(30)
-    storage.write_json(placement_record(str(tmp_path), "t1"), {"placement_group": pg.id.hex(), "trial": "t1"})
-    SweepWatch("s", str(tmp_path), 60).on_trial_complete(0, [], SimpleNamespace(trial_id="t1"))
+    worker = Worker.remote()
+    storage.write_json(placement_record(str(tmp_path), "t1"),
+                       {"placement_group": pg.id.hex(), "trial": "t1", "worker": ray.get(worker.actor_id.remote())})
+    watch = SweepWatch("s", str(tmp_path), 60)
+    watch.on_trial_complete(0, [], SimpleNamespace(trial_id="t1"))
+    watch.on_trial_error(0, [], SimpleNamespace(trial_id="t2"))  # nothing recorded: settled at once
+    later = time.monotonic() + RELEASE_GRACE_S
+    watch._settle(later)
+    assert placement_group_table(pg)["state"] == "CREATED" and list(watch.ended) == ["t1"]  # its worker lives
+    ray.kill(worker)
+    deadline = time.monotonic() + 30
+    while watch.ended and time.monotonic() < deadline:
+        watch._settle(later)
+        time.sleep(0.2)
     assert placement_group_table(pg)["state"] == "REMOVED"
-    SweepWatch("s", str(tmp_path), 60).on_trial_error(0, [], SimpleNamespace(trial_id="t2"))  # none recorded: no-op
 
 
 def test_sweep_reports_a_trial_whose_data_cannot_start_and_goes_on(ray_session, hog, tmp_path, data_root, capfd):

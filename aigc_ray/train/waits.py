@@ -44,8 +44,9 @@ def record_placement(path: str, trial: str) -> None:
     import ray.util
 
     pg = ray.util.get_current_placement_group()
-    if pg is not None:
-        storage.write_json(path, {"placement_group": pg.id.hex(), "trial": trial})
+    if pg is not None:  # with this worker's actor id: once it is dead, so is the run's controller
+        storage.write_json(path, {"placement_group": pg.id.hex(), "trial": trial,
+                                  "worker": ray.get_runtime_context().get_actor_id()})
 
 
 def placement_labels(directory: str | None) -> dict[str, str]:

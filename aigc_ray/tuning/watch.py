@@ -31,26 +31,48 @@ def placement_record(train_storage: str, trial_id: str) -> str:
     return storage.join(train_storage, "placement", f"{trial_id}.json")
 
 
-def release_placement(record: str) -> str | None:
-    """Remove the placement group recorded at ``record`` unless it is gone already; return its
-    id when it was still held (a run whose controller died without removing it)."""
+RELEASE_GRACE_S = 10.0  # after a trial ends: time for its controller to finish or die on its own
+RELEASE_LATEST_S = 120.0  # after a trial ends: its placement group is released even if a worker lingers
+
+
+def _actor_dead(actor_id: str | None) -> bool:
+    """Whether the GCS has the actor as dead (or has never heard of it). Read from the GCS
+    directly (ray._private.state, Ray's own debugging accessor), not through the state API,
+    which needs the dashboard and an address lookup: the very things that fail here."""
+    if not actor_id:
+        return True
+    try:
+        from ray._private.state import actors
+
+        info = actors(actor_id=actor_id) or {}
+    except Exception:  # noqa: BLE001 - unknown: treat as alive, decide later
+        return False
+    return not info or info.get("State") == "DEAD"
+
+
+def release_placement(record: str, force: bool = False) -> tuple[bool, str | None]:
+    """Settle the placement group recorded at ``record``: (settled, id it removed). It is
+    removed only once the run's rank-0 worker is dead (its controller then is too, or is
+    between attempts), or with ``force``: removing it under a live controller would only make
+    Train retry the worker group."""
     from ray._raylet import PlacementGroupID
     from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group
 
-    if not storage.exists(record):
-        return None
-    pg_hex = (storage.read_json(record) or {}).get("placement_group")
+    info = storage.read_json(record) if storage.exists(record) else None
+    pg_hex = (info or {}).get("placement_group")
     if not pg_hex:
-        return None
+        return True, None
     pg = PlacementGroup(PlacementGroupID(bytes.fromhex(pg_hex)))
     try:
         if placement_group_table(pg).get("state") in (None, "REMOVED"):
-            return None
+            return True, None
+        if not force and not _actor_dead(info.get("worker")):
+            return False, None
         remove_placement_group(pg)
     except Exception as err:  # noqa: BLE001 - removed meanwhile (by Train's own cleaner): fine
         print(f"warning: could not release placement group {pg_hex[:12]} ({err})", file=sys.stderr, flush=True)
-        return None
-    return pg_hex
+        return True, None
+    return True, pg_hex
 
 
 def _age(seconds: float) -> str:
@@ -72,6 +94,8 @@ class SweepWatch(ray.tune.Callback):
         self.next_line = self.began + self.every_s
         self.started: dict[str, float] = {}
         self.epoch: dict[str, float] = {}
+        self.ended: dict[str, float] = {}  # trial id -> when it ended, until its placement group is settled
+        self.next_settle = 0.0
 
     def on_trial_start(self, iteration, trials, trial, **info):
         self.started[trial.trial_id] = time.monotonic()
@@ -81,19 +105,40 @@ class SweepWatch(ray.tune.Callback):
             self.epoch[trial.trial_id] = result["epoch"]
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        self._release(trial)
+        self.ended[trial.trial_id] = time.monotonic()
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self._release(trial)
+        self.ended[trial.trial_id] = time.monotonic()
 
-    def _release(self, trial) -> None:
-        released = release_placement(placement_record(self.train_storage, trial.trial_id))
-        if released:
-            print(f"[{trial.trial_id}] released its workers' placement group {released[:12]} (its Train "
-                  "controller ended with the trial)", file=sys.stderr, flush=True)
+    def _settle(self, now: float) -> None:
+        """Release the placement groups of ended trials whose controllers died without doing so."""
+        for trial_id, ended in list(self.ended.items()):
+            if now - ended < RELEASE_GRACE_S:
+                continue
+            settled, released = release_placement(placement_record(self.train_storage, trial_id),
+                                                  force=now - ended >= RELEASE_LATEST_S)
+            if settled:
+                del self.ended[trial_id]
+            if released:
+                print(f"[{trial_id}] released its workers' placement group {released[:12]}: its Train controller "
+                      "ended with the trial without removing it", file=sys.stderr, flush=True)
+
+    def on_experiment_end(self, trials, **info):
+        """The last trials' placement groups, before run_sweep returns (a process that runs
+        another sweep next must find the cluster free)."""
+        deadline = time.monotonic() + RELEASE_LATEST_S
+        while self.ended and time.monotonic() < deadline:
+            self._settle(time.monotonic() + RELEASE_GRACE_S)  # no grace: the trials are over
+            if self.ended:
+                time.sleep(0.5)
+        if self.ended:
+            self._settle(float("inf"))
 
     def on_step_end(self, iteration, trials, **info):
         now = time.monotonic()
+        if self.ended and now >= self.next_settle:
+            self.next_settle = now + 2.0
+            self._settle(now)
         if now >= self.next_line:
             self.next_line = now + self.every_s
             print(self.status_line(trials, now), file=sys.stderr, flush=True)
