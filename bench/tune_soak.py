@@ -67,7 +67,8 @@ def _kill_group(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
-def one_sweep(index: int, spec: Path, out: Path, timeout: float, decoy: bool, env: dict) -> dict:
+def one_sweep(index: int, spec: Path, out: Path, timeout: float, decoy: bool, env: dict,
+              extra: tuple[str, ...] = ()) -> dict:
     """Run one smoke sweep (and its decoy), bounded by ``timeout``; what happened, as a dict."""
     decoy_proc = None
     if decoy:  # its own process group, so it goes with everything it started
@@ -78,7 +79,7 @@ def one_sweep(index: int, spec: Path, out: Path, timeout: float, decoy: bool, en
     began = time.monotonic()
     with open(log, "w") as sink:
         proc = subprocess.Popen([sys.executable, "-m", "aigc_ray.cli", "tune", "--spec", str(spec), "--smoke-test",
-                                 "--out", str(out / f"sweep_{index:03d}")], env=env, cwd=ROOT, stdout=sink,
+                                 "--out", str(out / f"sweep_{index:03d}"), *extra], env=env, cwd=ROOT, stdout=sink,
                                 stderr=subprocess.STDOUT, start_new_session=True)
         try:
             rc = proc.wait(timeout=timeout)
@@ -109,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--decoy", action="store_true", help="a second, idle Ray instance beside each sweep")
     parser.add_argument("--lock", default="/tmp/aigc-ray-ray.lock", help="taken per sweep; '' for none")
     parser.add_argument("--budget", type=float, default=0.0, help="start no sweep after this many seconds (0: none)")
+    parser.add_argument("--num-samples", type=int, default=0, help="trials per sweep (default: the smoke spec's 4)")
     parser.add_argument("--address", default=None, help="run the sweeps on this Ray cluster instead of a local Ray each")
     parser.add_argument("--out", default=None, help="working directory (default: a temporary one)")
     parser.add_argument("--results", default=str(ROOT / "bench" / "results" / "tune_soak.jsonl"))
@@ -129,7 +131,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"budget of {args.budget:.0f}s spent: stopping after {index} sweep(s)", flush=True)
             break
         with machine_lock(args.lock) as waited:
-            record = one_sweep(index, spec, out, args.timeout, args.decoy, env)
+            record = one_sweep(index, spec, out, args.timeout, args.decoy, env,
+                               ("--num-samples", str(args.num_samples)) if args.num_samples else ())
         record |= {"lock_wait_s": round(waited, 1), "ray_data": args.ray_data, "decoy": args.decoy,
                    "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         records.append(record)
