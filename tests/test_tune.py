@@ -51,6 +51,10 @@ def _spec(**changes) -> dict:
     ({"scheduler": {"type": "pbt", "perturbation_interval": 1},
       "space": {"model.width": {"choice": [8, 16]}}}, "space.model.width"),  # PBT can't clone across widths
     ({"resources": {"gpus_per_worker": 2}}, "resources.gpus_per_worker"),
+    ({"start_timeout_s": 0}, "start_timeout_s must be > 0"),
+    ({"start_timeout_s": "3m"}, "start_timeout_s must be a number of seconds"),
+    ({"status_every_s": 120}, "status_every_s must be in (0, 60]"),
+    ({"scheduler": {"type": "asha", "min_rung_results": 0}}, "scheduler.min_rung_results"),
 ])
 def test_bad_specs_fail_naming_the_key(changes, named):
     with pytest.raises(ConfigError) as err:
