@@ -51,6 +51,10 @@ def _spec(**changes) -> dict:
     ({"scheduler": {"type": "pbt", "perturbation_interval": 1},
       "space": {"model.width": {"choice": [8, 16]}}}, "space.model.width"),  # PBT can't clone across widths
     ({"resources": {"gpus_per_worker": 2}}, "resources.gpus_per_worker"),
+    ({"start_timeout_s": 0}, "start_timeout_s must be > 0"),
+    ({"start_timeout_s": "3m"}, "start_timeout_s must be a number of seconds"),
+    ({"status_every_s": 120}, "status_every_s must be in (0, 60]"),
+    ({"scheduler": {"type": "asha", "min_rung_results": 0}}, "scheduler.min_rung_results"),
 ])
 def test_bad_specs_fail_naming_the_key(changes, named):
     with pytest.raises(ConfigError) as err:
@@ -110,6 +114,31 @@ def test_asha_rungs_survive_a_restore(tmp_path):
     assert after.on_trial_result(None, trials[0], {"epoch": 2, "fid": 9.0}) == TrialScheduler.CONTINUE
 
 
+def test_asha_min_rung_results_judges_early_arrivals_again(tmp_path):
+    from types import SimpleNamespace
+
+    from ray.tune.schedulers import TrialScheduler
+
+    from aigc_ray.tuning.asha import ResumableASHA
+
+    def decisions(min_rung_results: int) -> list[str]:
+        s = ResumableASHA(str(tmp_path / f"rungs{min_rung_results}.json"), min_rung_results=min_rung_results,
+                          time_attr="epoch", max_t=9, grace_period=1, reduction_factor=3)
+        s.set_search_properties("fid", "min")
+        trials = {name: SimpleNamespace(trial_id=name) for name in ("t0", "t1", "t2", "t3")}
+        for trial in trials.values():
+            s.on_trial_add(None, trial)
+        reports = [("t0", 1, 50.0), ("t1", 1, 40.0), ("t2", 1, 10.0), ("t0", 2, 45.0), ("t3", 1, 5.0)]
+        return [s.on_trial_result(None, trials[t], {"epoch": e, "fid": f}) for t, e, f in reports]
+
+    go, stop = TrialScheduler.CONTINUE, TrialScheduler.STOP
+    # Tune's ASHA: t0 and t1 reach the rung first and pass it; t0 trains on whatever comes later
+    assert decisions(1) == [go, go, go, go, go]
+    # 3 results before the rung stops anyone: t0 is judged again at its next report, and stopped
+    # (fid 50 is not in the top third of 50, 40, 10)
+    assert decisions(3) == [go, go, go, stop, go]
+
+
 # --- ASHA: interrupted with Ctrl-C, resumed, best exported ---------------------------------
 
 def _result_lines(experiment: Path) -> dict[str, int]:
@@ -163,6 +192,14 @@ def test_asha_sweep_interrupted_resumed_and_exported(ray_session, tmp_path, data
     assert len(stopped) >= 2 and all(r["scored_epochs"] == 1 for r in stopped)
     assert not good[0]["stopped_early"] and good[0]["scored_epochs"] == 2
     assert summary["trial_epochs"] <= 8
+    # no trial's workers outlive it: ASHA's stops kill each trial's Train controller with it, and
+    # the sweep releases the placement group the trial recorded as soon as the trial ends
+    from ray.util import placement_group_table
+
+    records = [json.loads(p.read_text())["placement_group"] for p in (experiment / "train" / "placement").glob("*.json")]
+    assert len(records) == 4
+    held = [pg for pg in records if placement_group_table().get(pg, {}).get("state") not in (None, "REMOVED")]
+    assert not held
 
     # the exported best checkpoint: a quality card, and `aigc-ray generate` loads it
     best = out / "best"

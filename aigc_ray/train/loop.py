@@ -45,9 +45,11 @@ from aigc_ray.train.validation import (
     record_eval,
 )
 from aigc_ray.train.validation import validation_config as default_validation_config
+from aigc_ray.train.waits import describe_wait, first_batch_within, placement_labels, record_placement
 
 GRID_SIDE = 8  # the fixed-noise sample grid is 8x8
 REPORT_POLL_S = 0.2  # how often Train's controller collects reports (see build_trainer)
+WORKER_GROUP_START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"  # Train V2's placement wait
 
 
 class ShardBatches:
@@ -57,8 +59,11 @@ class ShardBatches:
     already decoded (a dataset small enough to skip Ray Data, see ``fits_in_memory``)."""
 
     def __init__(self, shard, batch_size: int, device: torch.device, cache_limit_mb: int, seed: int,
-                 preloaded: tuple[torch.Tensor, torch.Tensor] | None = None):
+                 preloaded: tuple[torch.Tensor, torch.Tensor] | None = None, start_timeout_s: float | None = None,
+                 describe_wait=None):
         self.shard, self.batch_size, self.device, self.seed = shard, batch_size, device, seed
+        # the first streamed batch must come within start_timeout_s (see waits.first_batch_within)
+        self.start_timeout_s, self.describe_wait = start_timeout_s, describe_wait
         self.cache_limit = cache_limit_mb * 2**20
         self.cached = None if preloaded is None else (preloaded[0].to(device), preloaded[1].to(device))
         self.first_images: torch.Tensor | None = None  # uint8 (<= GRID_SIDE^2, C, S, S): the first seen
@@ -82,8 +87,10 @@ class ShardBatches:
             return
         kept: list[tuple[torch.Tensor, torch.Tensor]] | None = []
         size = 0
-        for batch in self.shard.iter_torch_batches(batch_size=self.batch_size, local_shuffle_buffer_size=2048,
-                                                   local_shuffle_seed=self.seed + epoch):
+        stream = self.shard.iter_torch_batches(batch_size=self.batch_size, local_shuffle_buffer_size=2048,
+                                               local_shuffle_seed=self.seed + epoch)
+        bound, self.start_timeout_s = self.start_timeout_s, None  # only the run's first batch is bounded
+        for batch in first_batch_within(stream, bound, self.describe_wait):
             x = batch["image"].to(self.device, non_blocking=True)  # uint8 (n, C, S, S)
             y = batch["label"].to(self.device, non_blocking=True)  # int64 (n,)
             if kept is not None:
@@ -126,6 +133,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
     # [1] prepare model: G and D are wrapped for DDP separately (separate optimizers, turns)
     engine = Engine(cfg, device, wrap=lambda m: ray.train.torch.prepare_model(
         m, parallel_strategy_kwargs=_DDP_NO_BUFFER_SYNC))
+    record = loop_config.get("placement_record")
+    if rank == 0 and record:  # the sweep names (and releases) this run's placement group
+        record_placement(record, loop_config["trial"])
     if rank == 0:
         _say(f"fast path on {device}: {engine.fast_path.summary()}; "
              f"shard cached on device after epoch 1 if under {cfg.data.cache_in_memory_mb} MB")
@@ -150,8 +160,17 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if loop_config.get("in_memory"):
         images, labels = load_split(dataset_info["prepared"], "train")
         preloaded = images[rank::world], labels[rank::world]
+    # the run's start (placement, workers, first batch) has one deadline: a retry after a start
+    # timeout fails at once instead of waiting again; a recovery of a run that had trained (it
+    # has a checkpoint) gets a fresh bound
+    start_timeout_s = loop_config.get("start_timeout_s")
+    if start_timeout_s and not checkpoint:
+        start_timeout_s = max(loop_config["start_deadline"] - time.time(), 0.01)
     batches = ShardBatches(None if preloaded else ray.train.get_dataset_shard("train"), local_batch, device,
-                           cfg.data.cache_in_memory_mb, cfg.train.seed * 1000 + rank, preloaded)
+                           cfg.data.cache_in_memory_mb, cfg.train.seed * 1000 + rank, preloaded, start_timeout_s,
+                           lambda: f"run {cfg.run_name}: no first batch from Ray Data in time: "
+                           + describe_wait({"CPU": 1.0}, "its read and decode tasks (1 CPU each)",
+                                           placement_labels(record and os.path.dirname(record))))
     z_fixed, labels_fixed = fixed_noise(cfg, device)
     history = read_history(run_dir) if rank == 0 else []
     t = cfg.train
@@ -321,9 +340,14 @@ def fits_in_memory(cfg: ExperimentConfig, manifest: dict) -> bool:
 
 def build_trainer(cfg: ExperimentConfig, *, callbacks=(), validation_config=None,
                   checkpoint_score: str | None = None, init_checkpoint: Checkpoint | None = None,
-                  inline_eval: bool = False) -> tuple[TorchTrainer, str]:
+                  inline_eval: bool = False, start_timeout_s: float | None = None,
+                  trial: str | None = None, placement_record: str | None = None) -> tuple[TorchTrainer, str]:
     """The run's TorchTrainer and run directory. ``inline_eval``: evaluated epochs are scored on
-    rank 0 before their report (Tune ASHA/FIFO trials) instead of by a separate validation task."""
+    rank 0 before their report (Tune ASHA/FIFO trials) instead of by a separate validation task.
+    ``start_timeout_s``: the run fails (``waits.StartTimeout``, or Train's
+    WorkerGroupStartupTimeoutError) when its workers cannot be placed, or its data gives no first
+    batch, within that many seconds, instead of waiting for ever. ``trial``, ``placement_record``: the
+    Tune trial this run belongs to, and where its rank 0 records its workers' placement group."""
     prepared = ensure_prepared(cfg.data, cfg.train.seed)
     manifest = read_manifest(prepared)
     storage_path = storage.resolve(cfg.train.storage_path or cfg.train.out)
@@ -342,6 +366,10 @@ def build_trainer(cfg: ExperimentConfig, *, callbacks=(), validation_config=None
     # worker whose epochs are shorter than that waits in every report. The driver's value is
     # propagated to the controller; one set by the user wins.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", str(REPORT_POLL_S))
+    if start_timeout_s:
+        # read by Train when it waits for the workers' placement group; propagated to the
+        # controller from this process (a Tune trial's own, so per trial)
+        os.environ[WORKER_GROUP_START_TIMEOUT_ENV] = f"{start_timeout_s:g}"
     own_validation = validation_config is None and cfg.eval.enabled and not inline_eval
     if own_validation:  # score checkpoints by domain FID; keep the best ones and the latest
         validation_config, checkpoint_score = default_validation_config(cfg, run_dir), "fid"
@@ -350,12 +378,18 @@ def build_trainer(cfg: ExperimentConfig, *, callbacks=(), validation_config=None
         train_loop_config={"experiment": cfg.to_dict(), "dataset": dataset_info, "run_dir": run_dir,
                            "cpus_per_worker": cpus, "init_checkpoint": init_checkpoint,
                            "validate": validation_config is not None or inline_eval,
-                           "inline_eval": inline_eval, "unscored_fid": own_validation, "in_memory": in_memory},
+                           "inline_eval": inline_eval, "unscored_fid": own_validation, "in_memory": in_memory,
+                           "start_timeout_s": start_timeout_s, "trial": trial,
+                           "start_deadline": time.time() + (start_timeout_s or 0),
+                           "placement_record": placement_record},
         scaling_config=ScalingConfig(num_workers=cfg.train.workers, use_gpu=cfg.train.use_gpu,
                                      resources_per_worker={"CPU": cpus}),
         run_config=RunConfig(
             name=cfg.run_name, storage_path=storage_path,
-            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+            # with a start bound, a worker group that could not be placed in time is final (by
+            # default Train retries it for ever, each retry another silent wait)
+            failure_config=FailureConfig(max_failures=cfg.train.max_failures,
+                                         **({"controller_failure_limit": 0} if start_timeout_s else {})),
             checkpoint_config=CheckpointConfig(
                 # with a score: the best keep_checkpoints by it, plus the latest (Ray never deletes that)
                 num_to_keep=cfg.train.keep_checkpoints,

@@ -6,19 +6,27 @@ scheduler's ``save``/``restore``). A resumed ASHA sweep then lets the next trial
 rung through unopposed, whatever its score. This one writes its rungs to a JSON file beside
 the experiment after every decision, and reads them back before its first decision after a
 restore.
+
+``min_rung_results`` (above 1) also fixes ASHA's first-come bias: Tune's ASHA judges a trial
+against the results its rung holds when it arrives, so the first trials to reach a rung pass it
+unopposed (the very first against nothing). Here a rung stops no one until it holds that many
+results, and a trial is judged again at every report, at the highest rung of its own with enough
+results, against everything that rung holds by then: a trial that passed a rung early is stopped
+once later arrivals show it is not in the top 1/reduction_factor.
 """
 
 from __future__ import annotations
 
-from ray.tune.schedulers import AsyncHyperBandScheduler
+from ray.tune.schedulers import AsyncHyperBandScheduler, TrialScheduler
 
 from aigc_ray import storage
 
 
 class ResumableASHA(AsyncHyperBandScheduler):
-    def __init__(self, state_path: str, **kwargs):
+    def __init__(self, state_path: str, min_rung_results: int = 1, **kwargs):
         super().__init__(**kwargs)
         self.state_path = state_path  # <experiment>/asha_rungs.json
+        self.min_rung_results = min_rung_results
         self._loaded = False
 
     def _load(self) -> None:
@@ -51,9 +59,28 @@ class ResumableASHA(AsyncHyperBandScheduler):
 
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
         self._load()
-        action = super().on_trial_result(tune_controller, trial, result)
+        if self.min_rung_results <= 1 or self._time_attr not in result or self._metric not in result \
+                or (result[self._time_attr] >= self._max_t and self._stop_last_trials):
+            action = super().on_trial_result(tune_controller, trial, result)
+        else:
+            action = self._judge(self._trial_info[trial.trial_id], trial.trial_id, result[self._time_attr],
+                                 self._metric_op * result[self._metric])
+            self._num_stopped += action == TrialScheduler.STOP
         self._save()
         return action
+
+    def _judge(self, bracket, trial_id: str, epoch: float, reward: float) -> str:
+        """Record the result at the rung it reaches (as ASHA does), then judge the trial at its
+        highest rung that holds min_rung_results results. Rewards: higher is better."""
+        for milestone, recorded in bracket._rungs:  # highest milestone first
+            if epoch >= milestone and trial_id not in recorded:
+                recorded[trial_id] = reward
+                break
+        for _milestone, recorded in bracket._rungs:
+            if trial_id in recorded and len(recorded) >= self.min_rung_results:
+                cutoff = bracket.cutoff(recorded)
+                return TrialScheduler.STOP if recorded[trial_id] < cutoff else TrialScheduler.CONTINUE
+        return TrialScheduler.CONTINUE
 
     def on_trial_complete(self, tune_controller, trial, result: dict) -> None:
         self._load()

@@ -25,7 +25,8 @@ from ray.tune.integration.ray_train import TuneReportCallback
 
 from aigc_ray import storage
 from aigc_ray.config import ExperimentConfig
-from aigc_ray.tuning import evaluation
+from aigc_ray.train.waits import StartTimeout, describe_wait
+from aigc_ray.tuning import evaluation, watch
 
 TRAIN_RUNS = "train"  # Train runs live under <storage>/<sweep>/train/<trial id>
 
@@ -49,7 +50,7 @@ class ForwardToTune(TuneReportCallback):
         super().after_report(run_context, [first, *metrics[1:]], checkpoint)
 
 
-def _build(cfg: ExperimentConfig, forward: bool, **kwargs):
+def _build(cfg: ExperimentConfig, forward: bool, sweep: dict[str, Any], trial_id: str, **kwargs):
     """The trial's TorchTrainer, with the loop's FID validation adapted to Tune. Passing the
     validation config in (rather than letting build_trainer add its own) also leaves out the
     fid=inf placeholder on unscored checkpoints: Train's snapshot stores it as null, and a
@@ -57,6 +58,8 @@ def _build(cfg: ExperimentConfig, forward: bool, **kwargs):
     from aigc_ray.train.loop import build_trainer
     from aigc_ray.train.validation import validation_config
 
+    kwargs |= {"start_timeout_s": sweep.get("start_timeout_s"), "trial": trial_id,
+               "placement_record": watch.placement_record(sweep["train_storage"], trial_id)}
     if forward and cfg.eval.enabled:
         # ASHA/FIFO: score evaluated epochs inline, so each FID reaches Tune with its epoch's
         # report and ASHA stops a trial at its rung (an asynchronous score arrived epochs late,
@@ -69,12 +72,41 @@ def _build(cfg: ExperimentConfig, forward: bool, **kwargs):
     return build_trainer(cfg, validation_config=validation, **kwargs)
 
 
+def _fit(trainer, sweep: dict[str, Any], trial_id: str):
+    """trainer.fit(), with a start that ran out of time (workers that could not be placed, or
+    data that gave no first batch) raised as ``StartTimeout`` naming what it waited for."""
+    try:
+        return trainer.fit()
+    except Exception as err:
+        timeout = sweep.get("start_timeout_s")
+        if type(getattr(err, "controller_failure", None)).__name__ == "WorkerGroupStartupTimeoutError":
+            scaling = trainer.scaling_config
+            per_worker = dict(scaling.resources_per_worker or {"CPU": 1}) | ({"GPU": 1} if scaling.use_gpu else {})
+            need = {k: v * scaling.num_workers for k, v in per_worker.items()}
+            raise StartTimeout(
+                f"trial {trial_id} could not start within {timeout:g}s (start_timeout_s): "
+                + describe_wait(need, f"its {scaling.num_workers} worker(s)' placement group",
+                                watch.labels(sweep["train_storage"]))) from None
+        for failure in (getattr(err, "worker_failures", None) or {}).values():
+            cause = failure if isinstance(failure, StartTimeout) else getattr(failure, "cause", None)
+            text = str(cause) if isinstance(cause, StartTimeout) else _after("StartTimeout", str(failure))
+            if text:  # raised in a worker: waits.first_batch_within
+                raise StartTimeout(f"trial {trial_id} could not start within {timeout:g}s (start_timeout_s): "
+                                   + text.strip().splitlines()[0]) from None
+        raise
+
+
+def _after(name: str, text: str) -> str:
+    """The message after the last "<...>name: " in a traceback's text, or ""."""
+    return text[text.rindex(name) + len(name):].lstrip(": ") if name in text else ""
+
+
 def run_trial(config: dict[str, Any], sweep: dict[str, Any]) -> None:
     """ASHA / FIFO trial: one Train run, reports forwarded to Tune as they happen."""
     trial_id = ray.tune.get_context().get_trial_id()
     cfg = trial_config(sweep, config, name=trial_id)
-    trainer, _ = _build(cfg, forward=True, callbacks=[ForwardToTune()])
-    trainer.fit()
+    trainer, _ = _build(cfg, forward=True, sweep=sweep, trial_id=trial_id, callbacks=[ForwardToTune()])
+    _fit(trainer, sweep, trial_id)
     # fit() can return while the last report (with its FID) still waits on the queue to Tune
     # (ForwardToTune puts it there); the trial's session forwards queued items only while this
     # function runs, so wait until it has taken it, or the last epoch reads as unscored
@@ -97,8 +129,8 @@ def run_pbt_trial(config: dict[str, Any], sweep: dict[str, Any]) -> None:
         # a fresh Train run per segment: its name must not find a run left by a segment this
         # trial started before an exploit replaced its weights
         cfg = trial_config(sweep, config, name=f"{trial_id}-e{epoch:04d}-{uuid.uuid4().hex[:6]}", epochs=stop)
-        trainer, run_dir = _build(cfg, forward=False, init_checkpoint=start)
-        result = trainer.fit()
+        trainer, run_dir = _build(cfg, forward=False, sweep=sweep, trial_id=trial_id, init_checkpoint=start)
+        result = _fit(trainer, sweep, trial_id)
         last = result.checkpoint
         scored = dict(result.metrics or {})
         for checkpoint, metrics in result.best_checkpoints or []:

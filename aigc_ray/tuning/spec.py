@@ -86,6 +86,9 @@ class SchedulerSpec:
     """ASHA: keep the top 1/reduction_factor of trials at each rung."""
     brackets: int = 1
     """ASHA: number of brackets."""
+    min_rung_results: int = 1
+    """ASHA: results a rung must hold before it stops anyone; above 1, a trial that passed a rung
+    early is judged again once the rung holds that many (1: Tune's ASHA, first arrivals pass)."""
     perturbation_interval: int = 2
     """PBT: epochs between exploit/explore decisions (each trial trains this long per segment)."""
     quantile_fraction: float = 0.25
@@ -103,6 +106,7 @@ class SchedulerSpec:
         _check(self.grace_period >= 1, "scheduler.grace_period must be >= 1")
         _check(self.reduction_factor > 1, "scheduler.reduction_factor must be > 1")
         _check(self.brackets >= 1, "scheduler.brackets must be >= 1")
+        _check(self.min_rung_results >= 1, "scheduler.min_rung_results must be >= 1")
         _check(self.perturbation_interval >= 1, "scheduler.perturbation_interval must be >= 1")
         _check(0 < self.quantile_fraction <= 0.5, "scheduler.quantile_fraction must be in (0, 0.5]")
         _check(0 <= self.resample_probability <= 1, "scheduler.resample_probability must be in [0, 1]")
@@ -164,6 +168,13 @@ class SweepSpec:
     """Per-trial resources."""
     max_concurrent_trials: int = 0
     """Trials running at once; 0 = as many as the cluster's CPUs/GPUs fit."""
+    start_timeout_s: float = 180.0
+    """Seconds a trial's Train run may take to start: its workers placed, then its data's first
+    batch read. Past it the trial fails with a message naming the resources it waited for and
+    who holds them, and the sweep goes on. Sized to a loaded 2-core machine, where a smoke trial
+    starts in about 30 s."""
+    status_every_s: float = 60.0
+    """Seconds between the sweep's status lines (running trials, waiting, finished, failed)."""
 
     def __post_init__(self) -> None:
         _check(isinstance(self.name, str) and self.name.replace("-", "").replace("_", "").isalnum(),
@@ -174,6 +185,9 @@ class SweepSpec:
         _check(self.mode in ("min", "max"), f"mode={self.mode!r} must be min or max")
         _check(self.eval_every >= 1, "eval_every must be >= 1")
         _check(self.max_concurrent_trials >= 0, "max_concurrent_trials must be >= 0")
+        _check(self.start_timeout_s > 0, "start_timeout_s must be > 0")
+        _check(0 < self.status_every_s <= 60,
+               "status_every_s must be in (0, 60]: a sweep says what it does at least every minute")
         _check(self.eval_samples == 0 or self.eval_samples >= 10, "eval_samples must be 0 or >= 10")
         _check(len(self.space) > 0, "space is empty: a sweep needs at least one searched key")
         self.base_config()  # resolves and validates base + overrides + every searched value
@@ -269,7 +283,7 @@ class SweepSpec:
 
 _TOP_KEYS = {f.name for f in dataclasses.fields(SweepSpec)}
 _SMOKE_KEYS = {"overrides", "space", "scheduler", "num_samples", "epochs", "eval_every", "eval_samples", "resources",
-               "max_concurrent_trials"}
+               "max_concurrent_trials", "start_timeout_s", "status_every_s"}
 
 
 def _typed(cls, raw: Any, where: str):
@@ -335,6 +349,10 @@ def spec_from_dict(raw: Any, *, smoke: bool = False) -> SweepSpec:
         if key in kwargs:
             v = kwargs[key]
             _check(isinstance(v, typ) and not isinstance(v, bool), f"{key} must be {typ.__name__}, got {v!r}")
+    for key in ("start_timeout_s", "status_every_s"):
+        if key in kwargs:
+            v = kwargs[key]
+            _check(isinstance(v, (int, float)) and not isinstance(v, bool), f"{key} must be a number of seconds, got {v!r}")
     if smoke:
         kwargs["name"] = f"{kwargs['name']}-smoke"
     return SweepSpec(**kwargs)

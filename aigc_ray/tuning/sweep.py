@@ -20,7 +20,7 @@ from ray.tune.search import BasicVariantGenerator
 
 from aigc_ray import storage
 from aigc_ray.config import ConfigError
-from aigc_ray.tuning import driver, evaluation
+from aigc_ray.tuning import driver, evaluation, watch
 from aigc_ray.tuning.asha import ResumableASHA
 from aigc_ray.tuning.spec import Dimension, SweepSpec
 
@@ -106,6 +106,7 @@ class TrialRow:
     stopped_early: bool
     status: str
     checkpoint: str | None  # the checkpoint that scored ``best``
+    error: str | None = None  # a failed trial's reason, in one line
 
 
 @dataclass
@@ -143,7 +144,8 @@ def max_concurrent(spec: SweepSpec) -> int:
 def _sweep_info(spec: SweepSpec, root: str, out: str) -> dict[str, Any]:
     return {"base": spec.base_config().to_dict(), "train_storage": storage.join(root, spec.name, driver.TRAIN_RUNS),
             "out": out, "metric": spec.metric, "uses_eval": spec.uses_eval, "eval_samples": spec.eval_samples,
-            "epochs": spec.epochs, "perturbation_interval": spec.scheduler.perturbation_interval}
+            "epochs": spec.epochs, "perturbation_interval": spec.scheduler.perturbation_interval,
+            "start_timeout_s": spec.start_timeout_s}
 
 
 def _trainable(spec: SweepSpec, info: dict[str, Any]):
@@ -157,7 +159,8 @@ def _scheduler(spec: SweepSpec, experiment: str):
     s = spec.scheduler
     if s.type == "asha":
         return ResumableASHA(storage.join(experiment, "asha_rungs.json"), time_attr="epoch", max_t=spec.epochs,
-                             grace_period=s.grace_period, reduction_factor=s.reduction_factor, brackets=s.brackets)
+                             grace_period=s.grace_period, reduction_factor=s.reduction_factor, brackets=s.brackets,
+                             min_rung_results=s.min_rung_results)
     if s.type == "pbt":
         dims = {d.key: d for d in spec.space}
         mutations = {k: (dims[k].values if dims[k].kind in ("choice", "grid") else _domain(dims[k]))
@@ -213,7 +216,8 @@ def run_sweep(spec: SweepSpec, *, out: str = "runs/tune", storage_path: str | No
                 trial_dirname_creator=lambda trial: trial.trial_id),  # stable: a restore finds them
             run_config=ray.tune.RunConfig(
                 name=spec.name, storage_path=root, verbose=0,
-                callbacks=[ProgressLines(spec.metric, storage.join(experiment, HISTORY))],
+                callbacks=[ProgressLines(spec.metric, storage.join(experiment, HISTORY)),
+                           watch.SweepWatch(spec.name, info["train_storage"], spec.status_every_s)],
                 # a PBT trial at its budget stops; without this PBT would pause it at its last
                 # perturbation and restart it for nothing. (ASHA/FIFO trials end when their
                 # function returns: their last FID arrives after the last epoch's report.)
@@ -274,7 +278,19 @@ def _row(spec: SweepSpec, result, root: str, history_dir: str) -> TrialRow:
     status = "ERROR" if result.error else "TERMINATED"
     return TrialRow(trial_id=str(trial_id), params=dict((result.config or {}).get("space", {})), best=best_value,
                     epochs=epochs, scored_epochs=scored_epochs, stopped_early=scored_epochs < spec.epochs and not result.error,
-                    status=status, checkpoint=checkpoint)
+                    status=status, checkpoint=checkpoint, error=_error_line(result.error))
+
+
+def _error_line(error: BaseException | None) -> str | None:
+    """The last line of a trial's error (Ray's wrappers put the traceback first), minus the
+    exception's dotted class name: "trial T could not start within 180s ..."."""
+    if error is None:
+        return None
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    head, sep, rest = lines[-1].partition(": ")
+    return rest if sep and "." in head and " " not in head else lines[-1]
 
 
 def _best_tune_checkpoint(result, spec: SweepSpec) -> str | None:
@@ -332,6 +348,9 @@ def format_table(outcome: SweepOutcome) -> str:
                       r.status])
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     text = "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in lines)
+    failed = [r for r in outcome.rows if r.error]
+    if failed:
+        text += "\n\nfailed trials:\n" + "\n".join(f"  {r.trial_id}: {r.error}" for r in failed)
     if outcome.best:
         b = outcome.best
         params = ", ".join(f"{k}={_fmt(v)}" for k, v in b.params.items())
