@@ -120,11 +120,13 @@ class CanaryRouter:
             self.credit[model] = credit
             return "current", None
         self.credit[model] = credit - 1.0
-        if model not in self.handles:
+        which = (model, record.get("version", ""))  # a new canary of the model is a new deployment: a new handle
+        if which not in self.handles:
             from ray import serve
 
-            self.handles[model] = serve.get_deployment_handle(deployment_name(model), app_name=self.app)
-        return "canary", self.handles[model]
+            self.handles = {k: h for k, h in self.handles.items() if k[0] != model}
+            self.handles[which] = serve.get_deployment_handle(deployment_name(model), app_name=self.app)
+        return "canary", self.handles[which]
 
     def count(self, model: str, role: str, version: str | None, ok: bool, started: float) -> None:
         if role == "current" and version:

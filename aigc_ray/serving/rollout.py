@@ -148,7 +148,8 @@ def wait_serving(app: str, deployment: str, uri: str, version: str, timeout_s: f
     while time.monotonic() < deadline:
         status = serve.status().applications.get(app)
         dep = status.deployments.get(deployment) if status else None
-        if dep is not None and str(dep.status).endswith("HEALTHY") and not str(dep.status).endswith("UNHEALTHY"):
+        state = str(getattr(dep, "status", "")).rsplit(".", 1)[-1]
+        if state in ("HEALTHY", "UPSCALING", "DOWNSCALING"):
             try:
                 info = serve.get_deployment_handle(deployment, app_name=app).info.remote().result(timeout_s=10)
             except Exception as err:
@@ -159,7 +160,7 @@ def wait_serving(app: str, deployment: str, uri: str, version: str, timeout_s: f
                 if info["requested"] == uri and info["last_error"]:
                     raise RolloutError(f"{deployment}: {info['last_error']}")
                 last = f"serving {info['version']} from {info['checkpoint']}"
-        elif dep is not None and str(dep.status).endswith(("UNHEALTHY", "DEPLOY_FAILED")):
+        elif state in ("UNHEALTHY", "DEPLOY_FAILED"):
             raise RolloutError(f"{deployment}: {dep.status}: {dep.message[:500]}")
         elif dep is not None:
             last = f"{dep.status}: {dep.message[:300]}"
@@ -172,12 +173,20 @@ def swap(deployed: Deployed, name: str, uri: str, version: str) -> dict:
     if name in (deployed.args.get("canaries") or {}):
         raise RolloutError(f"model: a canary of {name} is running; end it first (promote --finish or --rollback)")
     before = copy.deepcopy(deployed.args)
-    apply(deployed, with_checkpoint(before, name, uri))
+    return _or_restore(deployed, before, with_checkpoint(before, name, uri), f"model-{name}", uri, version)
+
+
+def _or_restore(deployed: Deployed, before: dict, after: dict, deployment: str, uri: str, version: str) -> dict:
+    """Deploy `after` and wait for `deployment` to serve `version`; on any failure deploy `before` again."""
     try:
-        return wait_serving(deployed.app, f"model-{name}", uri, version)
-    except RolloutError:
-        apply(deployed, before)
-        raise
+        apply(deployed, after)
+        return wait_serving(deployed.app, deployment, uri, version)
+    except Exception as err:
+        try:
+            apply(deployed, before)
+        except Exception as again:
+            raise RolloutError(f"{err}; and restoring the previous args failed: {again}") from None
+        raise err if isinstance(err, RolloutError) else RolloutError(f"{type(err).__name__}: {err}") from None
 
 
 def start_canary(deployed: Deployed, name: str, uri: str, version: str, percent: float,
@@ -186,13 +195,8 @@ def start_canary(deployed: Deployed, name: str, uri: str, version: str, percent:
     if name in (deployed.args.get("canaries") or {}) or canary.read(deployed.app, name):
         raise RolloutError(f"model: a canary of {name} exists already; end it first (promote --finish or --rollback)")
     with_checkpoint(deployed.args, name, uri)  # checks the name
-    before = copy.deepcopy(deployed.args)
-    apply(deployed, with_canary(before, name, uri))
-    try:
-        info = wait_serving(deployed.app, canary.deployment_name(name), uri, version)
-    except RolloutError:
-        apply(deployed, before)  # the candidate never got traffic; its deployment goes away
-        raise
+    before = copy.deepcopy(deployed.args)  # on failure the candidate, which got no traffic, goes away again
+    info = _or_restore(deployed, before, with_canary(before, name, uri), canary.deployment_name(name), uri, version)
     record = {"checkpoint": uri, "version": version, "percent": float(percent), "max_error_rate": float(max_error_rate),
               "min_requests": int(min_requests), "state": "running", "reason": "", "started_at": time.time()}
     canary.write(deployed.app, name, record)
