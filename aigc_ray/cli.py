@@ -163,7 +163,8 @@ def cmd_promote(args: argparse.Namespace) -> int:
     req = PromoteRequest(model=args.model, candidate=candidate, url=args.url, served=args.served, metric=args.metric,
                          min_gain=args.min_gain, no_rescore=args.no_rescore, dataset=args.dataset,
                          data_root=args.data_root, gate_only=args.gate_only, canary=args.canary,
-                         max_error_rate=args.max_error_rate, min_requests=args.min_requests, finish=args.finish,
+                         max_error_rate=args.max_error_rate, min_requests=args.min_requests,
+                         canary_timeout_s=args.canary_timeout, finish=args.finish,
                          rollback=args.rollback, address=args.address, dashboard=args.dashboard)
     return promote(req)
 
@@ -311,6 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="canary: roll back by itself when the candidate fails more than this share (default 0.05)")
     p.add_argument("--min-requests", type=int, default=20,
                    help="canary: requests the candidate answers before its error rate counts (default 20)")
+    p.add_argument("--canary-timeout", type=float, default=10.0, metavar="S",
+                   help="canary: a candidate's answer later than this is its error; the current version answers")
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else the local one)")
     p.add_argument("--dashboard", help="Ray dashboard URL, for an app started with `serve deploy` "
                                        "(default: RAY_DASHBOARD_ADDRESS, else the cluster's)")

@@ -53,7 +53,8 @@ def app(ray_session, trained_checkpoint, tmp_path_factory):
     serving_app.deploy({**ARGS, "checkpoints": [f"gan={trained_checkpoint}"]})
     src = Path(trained_checkpoint)
     ckpts = {"served": trained_checkpoint, "worse": _variant(src, tmp / "worse", 0.01, 1.5),
-             "better": _variant(src, tmp / "better", 0.02, 0.5), "best": _variant(src, tmp / "best", 0.03, 0.25)}
+             "better": _variant(src, tmp / "better", 0.02, 0.5), "best": _variant(src, tmp / "best", 0.03, 0.25),
+             "flaky": _variant(src, tmp / "flaky", 0.05, 0.5)}
     broken = Path(_variant(src, tmp / "broken", 0.04, 0.1))
     (broken / "model.safetensors").write_bytes(b"not safetensors")  # its card is fine, its weights don't load
     ckpts["broken"] = str(broken)
@@ -133,19 +134,28 @@ def test_a_canary_gets_its_share_and_rolls_back_without_losing_a_request(app, ca
 
 
 def test_a_canary_whose_candidate_fails_rolls_back_by_itself(app, capsys):
+    """The candidate's replica dies and its replacement can't load the checkpoint (gone meanwhile): its requests
+    get no answer within --canary-timeout, each is answered by the current version, and past the error rate the
+    ingress sends everything to the current version by itself."""
+    from pathlib import Path
+
     from test_serving import _kill_replicas
 
-    argv = ["--checkpoint", app["ckpt"]["better"], "--canary", "50", "--max-error-rate", "0.01", "--min-requests", "5"]
+    flaky = app["ckpt"]["flaky"]
+    argv = ["--checkpoint", flaky, "--canary", "50", "--max-error-rate", "0.01", "--min-requests", "5",
+            "--canary-timeout", "2"]
     assert cli_main(["promote", "--model", "gan", *argv]) == 0
     stop = threading.Event()
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         load = pool.submit(_load, app["url"], None, stop)
         time.sleep(1.5)
-        assert _kill_replicas("model-gan-canary") == 1  # the candidate's replica dies with requests in flight
-        time.sleep(3.0)
+        (Path(flaky) / "model.safetensors").unlink()
+        assert _kill_replicas("model-gan-canary") == 1
+        time.sleep(5.0)
         stop.set()
         during = load.result()
     assert {s for s, _ in during} == {200}, Counter(s for s, _ in during)  # its failures were answered by current
+    assert app["version"]["flaky"] in {v for _, v in during}
     status = _served(app["http"])["canary"]
     assert status["state"] == "rolled_back" and "automatic rollback" in status["reason"] and status["errors"] >= 1
     assert {v for _, v in _load(app["url"], 32)} == {app["version"]["served"]}

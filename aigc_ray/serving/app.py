@@ -179,9 +179,10 @@ class Ingress(GrpcMethods):
         await self.canaries.refresh()
         role, candidate = self.canaries.pick(name)
         if candidate is not None:
-            try:
-                return await self._call_version(name, "canary", candidate, method, *args)
-            except (BadRequest, asyncio.TimeoutError):
+            try:  # a candidate that does not answer in its time bound failed that request
+                return await asyncio.wait_for(self._call_version(name, "canary", candidate, method, *args),
+                                              min(self.canaries.timeout_s(name), self.options.request_timeout_s))
+            except BadRequest:
                 raise
             except Exception as err:
                 logger.warning("model %s: the candidate failed (%s); answered by the current version", name,

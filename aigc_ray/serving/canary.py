@@ -10,11 +10,12 @@ State, in Ray's GCS key-value store like the last-known-good records (namespace 
 "<app>/<NAME>"), written by `aigc-ray promote --canary` / `--finish` / `--rollback` (serving/rollout.py):
 
     {"checkpoint": URI, "version": candidate model version, "percent": 10.0, "max_error_rate": 0.05,
-     "min_requests": 20, "state": "running" | "rolled_back", "reason": "..."}
+     "min_requests": 20, "timeout_s": 10.0, "state": "running" | "rolled_back", "reason": "..."}
 
 Every ingress replica re-reads it at most every REFRESH_S, so a restarted or added ingress continues the canary.
-A request the candidate fails (5xx: its replica died, it is unavailable or overloaded, an internal error) is
-counted against the candidate and served again by the current version, so clients do not see the candidate's
+A request the candidate fails (5xx: it is unavailable or overloaded, an internal error, or no answer within
+`timeout_s`, e.g. while its replica restarts) is counted against the candidate and served again by the current
+version, so clients do not see the candidate's
 failures. When the candidate's error rate passes `max_error_rate` after at least `min_requests` requests, the
 ingress rolls the canary back by itself: all traffic returns to the current version and the record says
 "rolled_back" with the reason, on every ingress replica (`aigc-ray promote --rollback` then removes the
@@ -101,6 +102,8 @@ class CanaryRouter:
             logger.warning("canary state not refreshed: %s: %s", type(err).__name__, err)
             return
         for name, record in fresh.items():
+            if record is None or record.get("state") != "running":
+                self.handles = {k: h for k, h in self.handles.items() if k[0] != name}
             if record is None:
                 self.records.pop(name, None)
                 continue
@@ -127,6 +130,9 @@ class CanaryRouter:
             self.handles = {k: h for k, h in self.handles.items() if k[0] != model}
             self.handles[which] = serve.get_deployment_handle(deployment_name(model), app_name=self.app)
         return "canary", self.handles[which]
+
+    def timeout_s(self, model: str) -> float:
+        return float((self.records.get(model) or {}).get("timeout_s", 10.0))
 
     def count(self, model: str, role: str, version: str | None, ok: bool, started: float) -> None:
         if role == "current" and version:

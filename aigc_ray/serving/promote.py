@@ -35,6 +35,8 @@ class PromoteRequest:
     """Serve the candidate beside the current version with this percent of the requests."""
     max_error_rate: float = 0.05
     min_requests: int = 20
+    canary_timeout_s: float = 10.0
+    """A candidate's answer later than this counts as its error (the current version answers instead)."""
     finish: bool = False
     rollback: bool = False
     address: str | None = None
@@ -53,6 +55,8 @@ class PromoteRequest:
             raise ValueError(f"--canary: a percent of the requests, 0 < PERCENT < 100, got {self.canary:g}")
         if not 0 <= self.max_error_rate <= 1:
             raise ValueError(f"--max-error-rate: between 0 and 1, got {self.max_error_rate:g}")
+        if not self.canary_timeout_s > 0:
+            raise ValueError(f"--canary-timeout: seconds > 0, got {self.canary_timeout_s:g}")
         if self.min_requests < 1:
             raise ValueError(f"--min-requests: at least 1, got {self.min_requests}")
         if self.gate_only and (ending or self.canary is not None):
@@ -127,7 +131,7 @@ def promote(req: PromoteRequest) -> int:
             version = model_version(storage.localize(req.candidate))
             if req.canary is not None:
                 rollout.start_canary(deployed, req.model, req.candidate, version, req.canary, req.max_error_rate,
-                                     req.min_requests)
+                                     req.min_requests, req.canary_timeout_s)
                 print(f"canary: {version} serves {req.canary:g}% of {req.model}'s requests beside the current "
                       f"version (automatic rollback above {req.max_error_rate:.0%} errors); end it with "
                       f"`aigc-ray promote --model {req.model} --finish` or `--rollback`", flush=True)

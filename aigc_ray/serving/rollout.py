@@ -190,7 +190,7 @@ def _or_restore(deployed: Deployed, before: dict, after: dict, deployment: str, 
 
 
 def start_canary(deployed: Deployed, name: str, uri: str, version: str, percent: float,
-                 max_error_rate: float, min_requests: int) -> dict:
+                 max_error_rate: float, min_requests: int, timeout_s: float = 10.0) -> dict:
     """Serve `uri` beside model `name` in its own deployment, then send it `percent` of the requests."""
     if name in (deployed.args.get("canaries") or {}) or canary.read(deployed.app, name):
         raise RolloutError(f"model: a canary of {name} exists already; end it first (promote --finish or --rollback)")
@@ -198,7 +198,8 @@ def start_canary(deployed: Deployed, name: str, uri: str, version: str, percent:
     before = copy.deepcopy(deployed.args)  # on failure the candidate, which got no traffic, goes away again
     info = _or_restore(deployed, before, with_canary(before, name, uri), canary.deployment_name(name), uri, version)
     record = {"checkpoint": uri, "version": version, "percent": float(percent), "max_error_rate": float(max_error_rate),
-              "min_requests": int(min_requests), "state": "running", "reason": "", "started_at": time.time()}
+              "min_requests": int(min_requests), "timeout_s": float(timeout_s),
+              "state": "running", "reason": "", "started_at": time.time()}
     canary.write(deployed.app, name, record)
     return {**record, "card": info.get("card")}
 
