@@ -166,3 +166,27 @@ def test_cli_promote_rescores_a_candidate_measured_with_another_count_and_seed(t
     assert "64 samples of digits" in rescored and "seed 0" in rescored
     assert code == 0 and "PROMOTE" in captured.out
     assert read_card(candidate)["protocol"]["num_samples"] == 100  # the re-score is not written over its card
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--canary", "0"], "--canary: a percent"),
+    (["--canary", "100"], "--canary: a percent"),
+    (["--canary", "10", "--max-error-rate", "1.5"], "--max-error-rate"),
+    (["--canary", "10", "--min-requests", "0"], "--min-requests"),
+    (["--canary", "10", "--canary-timeout", "0"], "--canary-timeout"),
+    (["--canary", "10", "--gate-only"], "--gate-only"),
+])
+def test_cli_promote_bad_rollout_flags_fail_before_anything(tmp_path, capsys, argv, message):
+    served, _ = _checkpoint(tmp_path, "served", 20.0)
+    better, _ = _checkpoint(tmp_path, "better", 10.0)
+    assert cli_main(["promote", "--model", "digits", "--checkpoint", better, "--served", served, *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_cli_promote_finish_and_rollback_take_no_candidate(tmp_path, capsys):
+    assert cli_main(["promote", "--model", "digits"]) == 2
+    assert "--checkpoint or --sweep" in capsys.readouterr().err
+    assert cli_main(["promote", "--model", "digits", "--finish", "--canary", "10"]) == 2
+    assert "--finish / --rollback" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # argparse: one of --checkpoint, --sweep, --finish, --rollback
+        cli_main(["promote", "--model", "digits", "--finish", "--rollback"])
