@@ -105,9 +105,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_tune(args: argparse.Namespace) -> int:
     import dataclasses
+    import os
 
     from aigc_ray.tuning.spec import load_spec
 
+    if args.promote and not (args.address or os.environ.get("RAY_ADDRESS")):
+        raise ValueError("--promote: the sweep must run on the Ray cluster that serves the model: give --address "
+                         "(auto: the local one `aigc-ray serve` started) or set RAY_ADDRESS")
     spec = load_spec(args.spec, smoke=args.smoke_test, num_samples=args.num_samples)
     if args.metric:
         spec = dataclasses.replace(spec, metric=args.metric)
@@ -261,8 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metric", help="rank trials by this metric instead of the spec's (e.g. loss_g)")
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     p.add_argument("--dry-run", action="store_true", help="print the validated spec and exit")
-    p.add_argument("--promote", metavar="NAME", help="at the end, promote the best checkpoint to served model NAME "
-                                                     "if its card beats the served one's (as `aigc-ray promote`)")
+    p.add_argument("--promote", metavar="NAME", help="at the end, swap the best checkpoint into served model NAME if "
+                                                     "its card beats the served one's (as `aigc-ray promote`), on the "
+                                                     "cluster the sweep ran on (--address)")
     p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser("export", help="export a checkpoint to ONNX or TorchScript for offline, embedded generation",

@@ -182,6 +182,25 @@ def test_finishing_a_canary_promotes_the_candidate_without_losing_a_request(app)
     print(f"finish: {len(during)} requests during the switch, none lost")
 
 
+def test_tune_promote_swaps_the_sweeps_best_into_the_app(app, monkeypatch, capsys):
+    """`aigc-ray tune --promote NAME` ends with the gate and swap (the sweep itself replaced by its outcome)."""
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from aigc_ray.tuning import sweep
+
+    spec = str(Path(__file__).resolve().parents[1] / "tune" / "dcgan_asha.yaml")
+    outcome = SimpleNamespace(interrupted=False, exported=app["ckpt"]["best"], best=object())
+    monkeypatch.setattr(sweep, "run_sweep", lambda spec, **kw: outcome)
+    monkeypatch.setattr(sweep, "format_table", lambda o: "(table)")
+    assert cli_main(["tune", "--spec", spec, "--smoke-test", "--promote", "gan"]) == 2
+    assert "--promote: the sweep must run on the Ray cluster" in capsys.readouterr().err
+    assert cli_main(["tune", "--spec", spec, "--smoke-test", "--address", "auto",
+                     "--promote", "gan"]) == 0
+    assert "promoted: gan serves" in capsys.readouterr().out
+    assert _served(app["http"])["version"] == app["version"]["best"]
+
+
 def test_a_better_candidate_is_swapped_into_a_serve_deploy_app(app, capsys):
     """The app is redeployed through Serve's REST API (what `serve deploy` does); promote then changes it there."""
     from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
