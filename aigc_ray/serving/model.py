@@ -92,6 +92,10 @@ class GeneratorModel:
             pipe, card = self._load(uri)
         except Exception as err:  # any failure: keep what serves now, or fall back to the last known good
             reason = f"checkpoint {uri!r} failed to load ({type(err).__name__}: {str(err)[:300]})"
+            if self.pipe is None and self.role == "canary":  # stays up empty: promote sees why and removes it,
+                self.last_error = reason                        # and requests fail fast (counted against it)
+                logger.error("model %s (candidate): %s", self.name, reason)
+                return
             if self.pipe is None:
                 self._fall_back(reason)
             self.last_error = f"{reason}; still serving {self.pipe.version} from {self.checkpoint!r}"
@@ -151,6 +155,9 @@ class GeneratorModel:
 
     def info(self) -> dict[str, Any]:
         p = self.pipe
+        if p is None:  # a candidate whose checkpoint did not load
+            return {"name": self.name, "version": "", "checkpoint": "", "requested": self.requested, "degraded": True,
+                    "last_error": self.last_error, "role": self.role, "card": None}
         return {"name": self.name, "version": p.version, "family": p.family, "checkpoint": self.checkpoint,
                 "image_size": p.image_size, "channels": p.channels, "num_classes": p.num_classes,
                 "latent_dim": p.latent_dim, "can_generate": p.can_generate, "can_reconstruct": p.can_reconstruct,
@@ -158,7 +165,7 @@ class GeneratorModel:
                 "last_error": self.last_error, "role": self.role}
 
     def check_health(self) -> None:
-        if self.pipe is None:
+        if self.pipe is None and self.role == "current":
             raise RuntimeError(f"model {self.name}: no checkpoint loaded")
 
     # ---- generation ----------------------------------------------------------------------------
@@ -166,6 +173,8 @@ class GeneratorModel:
     async def generate(self, seeds: list[int], labels: list[int] | None) -> dict[str, Any]:
         """PNGs for `seeds`; all from one model version even if a swap lands mid-request."""
         started = time.perf_counter()
+        if self.pipe is None:
+            raise RuntimeError(f"model {self.name} (candidate): no checkpoint loaded: {self.last_error}")
         for _ in range(3):
             pipe = self.pipe
             try:
