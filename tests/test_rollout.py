@@ -222,5 +222,6 @@ def test_a_better_candidate_is_swapped_into_a_serve_deploy_app(app, capsys):
     out = capsys.readouterr().out
     assert "promoted" in out and "serve deploy" in out
     applied = client.get_serve_details()["applications"]["aigc"]["deployed_app_config"]
-    assert applied["args"]["checkpoints"] == [f"gan={app['ckpt']['best']}"]
+    assert applied["deployments"] == [{"name": "model-gan", "user_config": {"checkpoint": app["ckpt"]["best"]}}]
+    assert rollout.find("aigc").args["checkpoints"] == [f"gan={app['ckpt']['best']}"]
     assert _served(app["http"])["version"] == app["version"]["best"]

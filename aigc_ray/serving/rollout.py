@@ -89,7 +89,13 @@ def find(app: str, dashboard: str | None = None) -> Deployed:
                                   if str(a.get("source", "")).lower().endswith("declarative")
                                   and a.get("deployed_app_config")]
         mine = next(a for a in config["applications"] if a.get("name") == app)
-        return Deployed(app, "declarative", copy.deepcopy(mine.get("args") or {}), config, client)
+        args = copy.deepcopy(mine.get("args") or {})
+        for override in mine.get("deployments") or []:  # a checkpoint override is what the model serves
+            name = str(override.get("name", "")).removeprefix("model-")
+            uri = (override.get("user_config") or {}).get("checkpoint")
+            if uri and name in ServeOptions(**args).models():
+                args = with_checkpoint(args, name, uri)
+        return Deployed(app, "declarative", args, config, client)
     record = lkg.recall(app, APPS_NAMESPACE)
     if record and (details is None or info is not None):
         return Deployed(app, "imperative", record["args"])
@@ -107,12 +113,21 @@ def apply(deployed: Deployed, args: dict) -> None:
     else:
         config = copy.deepcopy(deployed.config)
         mine = next(a for a in config["applications"] if a.get("name") == deployed.app)
-        mine["args"] = args
         served = ServeOptions(**args).models()
-        for override in mine.get("deployments") or []:  # a user_config override would win over the args
-            name = str(override.get("name", "")).removeprefix("model-")
-            if name in served and "checkpoint" in (override.get("user_config") or {}):
-                override["user_config"]["checkpoint"] = served[name]
+        same = {k: v for k, v in args.items() if k != "checkpoints"} == \
+            {k: v for k, v in deployed.args.items() if k != "checkpoints"} and \
+            list(served) == list(ServeOptions(**deployed.args).models())
+        if not same:  # new args: Serve rebuilds the app (deployments whose version is unchanged stay up)
+            mine["args"] = args
+        overrides = {o.get("name"): o for o in mine.setdefault("deployments", [])}
+        for name, uri in served.items():  # only checkpoints change: user_config overrides, updated in place
+            override = overrides.get(f"model-{name}")
+            if override is None and not same:
+                continue
+            if override is None:
+                override = {"name": f"model-{name}"}
+                mine["deployments"].append(override)
+            override["user_config"] = {**(override.get("user_config") or {}), "checkpoint": uri}
         deployed.client.deploy_applications(config)
         deployed.config = config
     deployed.args = copy.deepcopy(args)
