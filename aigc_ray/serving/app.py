@@ -425,8 +425,9 @@ def run_until_interrupted(args: dict, host: str = "127.0.0.1", http_port: int = 
     token = check_exposure(options, host, insecure)
     # Serve's gRPC proxy reads its message cap from the environment it starts in (a local Ray inherits ours)
     os.environ.setdefault("RAY_SERVE_GRPC_MAX_MESSAGE_SIZE", str(options.max_body_bytes + 64 * 1024))
-    signal.signal(signal.SIGTERM, _stop)  # `kill`, container stop: same clean shutdown as Ctrl-C
     ray.init(address=address or os.environ.get("RAY_ADDRESS"), ignore_reinit_error=True)
+    # after ray.init, which installs a SIGTERM handler of its own that aborts the process (exit 134)
+    signal.signal(signal.SIGTERM, _stop)  # `kill`, container stop: same clean shutdown as Ctrl-C
     try:
         start(host, http_port, grpc_port, options.request_timeout_s)
         deploy(dataclasses.asdict(options))
