@@ -119,7 +119,7 @@ class CanaryRouter:
         if not record or record.get("state") != "running":
             return "current", None
         credit = self.credit.get(model, 0.0) + float(record["percent"]) / 100.0
-        if credit < 1.0:
+        if credit < 1.0 - 1e-9:  # ten additions of 0.1 make 0.999...: still the tenth request's turn
             self.credit[model] = credit
             return "current", None
         self.credit[model] = credit - 1.0
