@@ -105,9 +105,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_tune(args: argparse.Namespace) -> int:
     import dataclasses
+    import os
 
     from aigc_ray.tuning.spec import load_spec
 
+    if args.promote and not (args.address or os.environ.get("RAY_ADDRESS")):
+        raise ValueError("--promote: the sweep must run on the Ray cluster that serves the model: give --address "
+                         "(auto: the local one `aigc-ray serve` started) or set RAY_ADDRESS")
     spec = load_spec(args.spec, smoke=args.smoke_test, num_samples=args.num_samples)
     if args.metric:
         spec = dataclasses.replace(spec, metric=args.metric)
@@ -124,6 +128,10 @@ def cmd_tune(args: argparse.Namespace) -> int:
         return 130
     if outcome.exported:
         print(f"best checkpoint: {outcome.exported}  (aigc-ray serve --checkpoint {outcome.exported})")
+    if outcome.exported and args.promote:  # the same gate and swap as `aigc-ray promote --checkpoint BEST`
+        from aigc_ray.serving.promote import PromoteRequest, promote
+
+        return promote(PromoteRequest(model=args.promote, candidate=outcome.exported, address=args.address))
     return 0 if outcome.best is not None else 1
 
 
@@ -153,28 +161,16 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_promote(args: argparse.Namespace) -> int:
     from aigc_ray import promotion as pr
+    from aigc_ray.serving.promote import PromoteRequest, promote
 
-    candidate = args.checkpoint or pr.sweep_candidate(args.sweep)
-    card, interface = pr.checkpoint_card(candidate)
-    if args.url:
-        current, served_interface = pr.served_card(args.url, args.model)
-    else:
-        current, served_interface = pr.checkpoint_card(args.served)
-    changed = pr.interface_differences(served_interface, interface)
-    if changed:
-        raise pr.PromotionError(f"candidate {candidate} can't replace {args.model}: its clients would see "
-                                + "; ".join(f"{f} {a} -> {b}" for f, a, b in changed))
-    try:
-        pr.check_comparable(current, card)
-    except pr.ProtocolMismatch as err:
-        if not err.rescorable or args.no_rescore:
-            raise
-        print(f"re-scoring {candidate} on the served card's protocol ({err})", file=sys.stderr)
-        card = pr.rescore_like(candidate, current, dataset=args.dataset, data_root=args.data_root)
-    verdict = pr.compare_cards(current, card, args.metric, args.min_gain)
-    print(pr.side_by_side(current, card))
-    print(f"\n{'PROMOTE' if verdict.promote else 'REFUSED'} {candidate} for {args.model}: {verdict.reason}")
-    return 0 if verdict.promote else 1
+    candidate = args.checkpoint or (pr.sweep_candidate(args.sweep) if args.sweep else None)
+    req = PromoteRequest(model=args.model, candidate=candidate, url=args.url, served=args.served, metric=args.metric,
+                         min_gain=args.min_gain, no_rescore=args.no_rescore, dataset=args.dataset,
+                         data_root=args.data_root, gate_only=args.gate_only, canary=args.canary,
+                         max_error_rate=args.max_error_rate, min_requests=args.min_requests,
+                         canary_timeout_s=args.canary_timeout, finish=args.finish,
+                         rollback=args.rollback, address=args.address, dashboard=args.dashboard)
+    return promote(req)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -269,6 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metric", help="rank trials by this metric instead of the spec's (e.g. loss_g)")
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     p.add_argument("--dry-run", action="store_true", help="print the validated spec and exit")
+    p.add_argument("--promote", metavar="NAME", help="at the end, swap the best checkpoint into served model NAME if "
+                                                     "its card beats the served one's (as `aigc-ray promote`), on the "
+                                                     "cluster the sweep ran on (--address)")
     p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser("export", help="export a checkpoint to ONNX or TorchScript for offline, embedded generation",
@@ -287,18 +286,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output file, e.g. model.onnx or model.pt")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("promote", help="quality gate: does a candidate checkpoint beat the served model's card?",
+    p = sub.add_parser("promote", help="quality-gated rollout: swap (or canary) a candidate into served model NAME",
                        description="Compare the candidate's quality card with the served model's on the same "
                                    "protocol (dataset content hash, sample count, seed; the candidate is re-scored "
-                                   "when only the count or seed differ) and print both side by side. Exit 0: the "
-                                   "candidate is better by at least --min-gain (relative, on --metric); 1: refused; "
-                                   "2: the cards can't be compared (e.g. another dataset). Nothing is swapped here.")
-    src = p.add_mutually_exclusive_group(required=True)
+                                   "when only the count or seed differ) and print both side by side; if it is better "
+                                   "by --min-gain, swap it into the running app (`aigc-ray serve` or `serve deploy`) "
+                                   "in place, or with --canary beside the current version. Exit 0: promoted; 1: "
+                                   "refused, nothing changed; 2: the cards can't be compared or the rollout failed "
+                                   "(the app keeps serving what it served).")
+    src = p.add_mutually_exclusive_group()
     src.add_argument("--checkpoint", help="candidate checkpoint directory (or s3:// / gs:// URI)")
     src.add_argument("--sweep", help="a sweep's --out directory: its exported best checkpoint is the candidate")
+    src.add_argument("--finish", action="store_true", help="end model NAME's canary: the candidate becomes NAME")
+    src.add_argument("--rollback", action="store_true", help="end model NAME's canary: the candidate is removed")
     p.add_argument("--model", required=True, help="served model name (GET /v1/models)")
-    cur = p.add_mutually_exclusive_group(required=True)
-    cur.add_argument("--url", help="a running server (http://127.0.0.1:8000): the served card from /v1/models")
+    cur = p.add_mutually_exclusive_group()
+    cur.add_argument("--url", help="a running server (http://127.0.0.1:8000): the served card from /v1/models "
+                                   "(default: asked of the app through Ray)")
     cur.add_argument("--served", help="the checkpoint NAME serves now (its card.json)")
     p.add_argument("--metric", default="fid", help="card metric to compare (default: fid, lower is better)")
     p.add_argument("--min-gain", type=float, default=0.05, help="required relative improvement (default 0.05)")
@@ -306,6 +310,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", help="for a re-score: the prepared dataset directory the cards were measured on "
                                      "(default: found by content hash under --data-root)")
     p.add_argument("--data-root", help="for a re-score: where prepared datasets are cached (default ~/.cache/aigc-ray)")
+    p.add_argument("--gate-only", action="store_true", help="judge only (exit 0 or 1); change nothing")
+    p.add_argument("--canary", type=float, metavar="PERCENT", help="serve the candidate beside the current version "
+                                                                  "with PERCENT of the requests (0-100)")
+    p.add_argument("--max-error-rate", type=float, default=0.05,
+                   help="canary: roll back by itself when the candidate fails more than this share (default 0.05)")
+    p.add_argument("--min-requests", type=int, default=20,
+                   help="canary: requests the candidate answers before its error rate counts (default 20)")
+    p.add_argument("--canary-timeout", type=float, default=10.0, metavar="S",
+                   help="canary: a candidate's answer later than this is its error; the current version answers")
+    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else the local one)")
+    p.add_argument("--dashboard", help="Ray dashboard URL, for an app started with `serve deploy` "
+                                       "(default: RAY_DASHBOARD_ADDRESS, else the cluster's)")
     p.set_defaults(func=cmd_promote)
 
     p = sub.add_parser("serve", help="serve checkpoints over HTTP and gRPC with Ray Serve (until Ctrl-C)",

@@ -162,11 +162,15 @@ def checkpoint_card(checkpoint: str) -> tuple[dict[str, Any], dict[str, Any]]:
 def served_card(url: str, name: str, timeout_s: float = 10.0) -> tuple[dict[str, Any], dict[str, Any]]:
     """(card, interface) of the model `name` a running server reports at GET {url}/v1/models."""
     import json
+    import os
     import urllib.error
     import urllib.request
 
+    request = urllib.request.Request(f"{url.rstrip('/')}/v1/models")
+    if os.environ.get("AIGC_API_TOKEN"):  # a server with a bearer token (as `aigc-ray serve` reads it)
+        request.add_header("Authorization", f"Bearer {os.environ['AIGC_API_TOKEN']}")
     try:
-        with urllib.request.urlopen(f"{url.rstrip('/')}/v1/models", timeout=timeout_s) as response:
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:
             models = json.loads(response.read())["models"]
     except (OSError, urllib.error.URLError, ValueError, KeyError) as err:
         raise PromotionError(f"url: can't read {url.rstrip('/')}/v1/models within {timeout_s:g}s ({err})") from None

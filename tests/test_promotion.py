@@ -77,7 +77,7 @@ def test_cli_promote_refuses_a_worse_candidate_and_accepts_a_better_one(tmp_path
     assert cli_main(["promote", "--model", "digits", "--checkpoint", worse, "--served", served]) == 1
     out = capsys.readouterr().out
     assert "REFUSED" in out and "served" in out and "worse" in out and "-20.0%" in out  # both cards side by side
-    assert cli_main(["promote", "--model", "digits", "--checkpoint", better, "--served", served]) == 0
+    assert cli_main(["promote", "--model", "digits", "--checkpoint", better, "--served", served, "--gate-only"]) == 0
     assert "PROMOTE" in capsys.readouterr().out
     assert cli_main(["promote", "--model", "digits", "--checkpoint", better, "--served", served, "--min-gain", "0.5"]) == 1
 
@@ -130,7 +130,7 @@ def test_cli_promote_reads_the_served_card_over_http(tmp_path, capsys):
     url = f"http://127.0.0.1:{server.server_address[1]}"
     try:
         better, _ = _checkpoint(tmp_path, "better", 10.0)
-        assert cli_main(["promote", "--model", "digits", "--checkpoint", better, "--url", url]) == 0
+        assert cli_main(["promote", "--model", "digits", "--checkpoint", better, "--url", url, "--gate-only"]) == 0
         assert "dcgan-s1-live" in capsys.readouterr().out
         assert cli_main(["promote", "--model", "faces", "--checkpoint", better, "--url", url]) == 2
         assert "serves no model 'faces' (it serves: digits)" in capsys.readouterr().err
@@ -159,10 +159,34 @@ def test_cli_promote_rescores_a_candidate_measured_with_another_count_and_seed(t
     candidate = _untrained_checkpoint(tmp_path / "candidate", cfg, prepared)
     write_card(candidate, card(1.0, "candidate", content_hash=content_hash, num_samples=100, seed=3))
     code = cli_main(["promote", "--model", "digits", "--checkpoint", candidate, "--served", served,
-                     "--data-root", str(data_root)])
+                     "--data-root", str(data_root), "--gate-only"])
     captured = capsys.readouterr()
     assert "re-scoring" in captured.err and "num_samples: served 64 vs candidate 100" in captured.err
     rescored = captured.out.split("candidate:")[-1]
     assert "64 samples of digits" in rescored and "seed 0" in rescored
     assert code == 0 and "PROMOTE" in captured.out
     assert read_card(candidate)["protocol"]["num_samples"] == 100  # the re-score is not written over its card
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--canary", "0"], "--canary: a percent"),
+    (["--canary", "100"], "--canary: a percent"),
+    (["--canary", "10", "--max-error-rate", "1.5"], "--max-error-rate"),
+    (["--canary", "10", "--min-requests", "0"], "--min-requests"),
+    (["--canary", "10", "--canary-timeout", "0"], "--canary-timeout"),
+    (["--canary", "10", "--gate-only"], "--gate-only"),
+])
+def test_cli_promote_bad_rollout_flags_fail_before_anything(tmp_path, capsys, argv, message):
+    served, _ = _checkpoint(tmp_path, "served", 20.0)
+    better, _ = _checkpoint(tmp_path, "better", 10.0)
+    assert cli_main(["promote", "--model", "digits", "--checkpoint", better, "--served", served, *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_cli_promote_finish_and_rollback_take_no_candidate(tmp_path, capsys):
+    assert cli_main(["promote", "--model", "digits"]) == 2
+    assert "--checkpoint or --sweep" in capsys.readouterr().err
+    assert cli_main(["promote", "--model", "digits", "--finish", "--canary", "10"]) == 2
+    assert "--finish / --rollback" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # argparse: one of --checkpoint, --sweep, --finish, --rollback
+        cli_main(["promote", "--model", "digits", "--finish", "--rollback"])

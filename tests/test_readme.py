@@ -67,3 +67,14 @@ def test_the_command_table_lists_every_command():
     listed = {line.split("`aigc-ray ", 1)[1].split()[0] for line in table.splitlines() if "`aigc-ray " in line}
     sub = next(a for a in build_parser()._actions if a.dest == "command")
     assert listed == set(sub.choices)
+
+
+def test_the_deployment_loop_walks_train_sweep_promote_canary_finish_export():
+    section = README.split("## Deployment loop", 1)[1].split("\n## ", 1)[0]
+    lines = [line.split("  #")[0].strip() for line in code_blocks(section)[0].splitlines() if line.strip()]
+    steps = [line.split()[1] for line in lines if line.startswith("aigc-ray ")]
+    assert steps == ["train", "serve", "tune", "promote", "promote", "export"]
+    promote, finish = (line for line in lines if line.startswith("aigc-ray promote"))
+    assert "--sweep runs/tune" in promote and "--canary" in promote and finish.endswith("--finish")
+    assert "--out runs/tune" in next(line for line in lines if line.startswith("aigc-ray tune"))
+    assert "--checkpoint runs/tune/best" in next(line for line in lines if line.startswith("aigc-ray export"))

@@ -33,6 +33,8 @@ from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from aigc_ray.serving.auth import OPEN_PATHS, bearer_ok
+from aigc_ray.serving.canary import CanaryRouter
+from aigc_ray.serving.canary import deployment_name as canary_deployment
 from aigc_ray.serving.grpc_methods import GrpcMethods, Overloaded, Unavailable, field_errors
 from aigc_ray.serving.model import BadRequest, GeneratorModel
 from aigc_ray.serving.options import GenerateBody, ImagesOut, InterpolateBody, ReconstructBody, ServeOptions, deployed_openapi
@@ -137,7 +139,9 @@ def _grid(result: dict) -> bytes:
 @serve.deployment(max_ongoing_requests=512, ray_actor_options={"num_cpus": 0})  # thin async proxy: no CPU reserved
 @serve.ingress(app)
 class Ingress(GrpcMethods):
-    def __init__(self, models: dict[str, DeploymentHandle], options: dict):
+    def __init__(self, models: dict[str, DeploymentHandle], options: dict, canaries: dict | None = None):
+        # `canaries` (candidate deployments) is bound only to make them part of the app; the router finds them by
+        # name, so an ingress replica started before a canary (its version ignores canaries) routes to it too
         from ray.serve.metrics import Counter
 
         from aigc_ray.serving import options as live
@@ -150,6 +154,7 @@ class Ingress(GrpcMethods):
         self.token = resolve_token(self.options.api_token_env, self.options.api_token_file)
         live.RUNTIME.update(token=self.token, max_body_bytes=self.options.max_body_bytes, rejected=self.rejected)
         self._infos_cache: tuple[float, list[dict]] = (0.0, [])
+        self.canaries = CanaryRouter(serve.get_replica_context().app_name, list(models))
 
     # ---- shared core (HTTP and gRPC) -------------------------------------------------------
 
@@ -168,7 +173,36 @@ class Ingress(GrpcMethods):
         if n > self.options.max_num_images:
             raise BadRequest(f"{field}: {n} exceeds the limit of {self.options.max_num_images} images per request")
 
-    async def _call(self, handle: DeploymentHandle, method: str, *args) -> dict:
+    async def _call(self, name: str, handle: DeploymentHandle, method: str, *args) -> dict:
+        """Call model `name` (its candidate for a canary's share of requests; what the candidate fails is
+        counted against it and served by the current version)."""
+        await self.canaries.refresh()
+        role, candidate = self.canaries.pick(name)
+        if candidate is not None:
+            try:  # a candidate that does not answer in its time bound failed that request
+                return await asyncio.wait_for(self._call_version(name, "canary", candidate, method, *args),
+                                              min(self.canaries.timeout_s(name), self.options.request_timeout_s))
+            except BadRequest:
+                raise
+            except Exception as err:
+                logger.warning("model %s: the candidate failed (%s); answered by the current version", name,
+                               type(err).__name__)
+        return await self._call_version(name, "current", handle, method, *args)
+
+    async def _call_version(self, name: str, role: str, handle: DeploymentHandle, method: str, *args) -> dict:
+        started = time.perf_counter()
+        try:
+            result = await self._call_once(handle, method, *args)
+        except BadRequest:
+            self.canaries.count(name, role, None, True, started)  # the client's fault, not the version's
+            raise
+        except BaseException:
+            self.canaries.count(name, role, None, False, started)
+            raise
+        self.canaries.count(name, role, result.get("model_version"), True, started)
+        return result
+
+    async def _call_once(self, handle: DeploymentHandle, method: str, *args) -> dict:
         try:
             return await asyncio.wait_for(getattr(handle, method).remote(*args), self.options.request_timeout_s)
         except BadRequest as err:
@@ -187,12 +221,13 @@ class Ingress(GrpcMethods):
             raise BadRequest(f"labels: give 1 label or num_images ({body.num_images}), got {len(body.labels)}")
         seed = secrets.randbelow(2**31) if body.seed is None else body.seed
         seeds = [seed + i for i in range(body.num_images)]
-        return await self._call(handle, "generate_array" if body.format == "npy" else "generate", seeds, body.labels)
+        return await self._call(name, handle, "generate_array" if body.format == "npy" else "generate", seeds,
+                                body.labels)
 
     async def _interpolate(self, body: InterpolateBody) -> dict:
         name, handle = await self._handle(body.model)
         self._check_count("steps", body.steps)
-        return await self._call(handle, "interpolate", body.seed_a, body.seed_b, body.steps, body.label)
+        return await self._call(name, handle, "interpolate", body.seed_a, body.seed_b, body.steps, body.label)
 
     async def _reconstruct(self, body_model: str | None, pngs: list[bytes]) -> dict:
         name, handle = await self._handle(body_model, "reconstruct")
@@ -201,7 +236,7 @@ class Ingress(GrpcMethods):
             if len(png) > self.options.max_image_bytes:
                 raise BadRequest(f"images[{i}]: {len(png)} bytes, over the {self.options.max_image_bytes}-byte "
                                  "limit per image")
-        return await self._call(handle, "reconstruct", pngs)
+        return await self._call(name, handle, "reconstruct", pngs)
 
     async def _infos(self, max_age_s: float = 0.0) -> list[dict]:
         at, infos = self._infos_cache
@@ -279,7 +314,9 @@ class Ingress(GrpcMethods):
         return await self._http(self._list_models())
 
     async def _list_models(self) -> dict:
-        return {"default": self.default, "models": await self._infos()}
+        await self.canaries.refresh()
+        infos = [{**i, "canary": self.canaries.status(i["name"])} for i in await self._infos()]
+        return {"default": self.default, "models": infos}
 
     @app.get("/healthz")
     async def healthz(self):
@@ -316,12 +353,14 @@ def build_app(args: dict) -> serve.Application:
     """Application builder (`serve deploy` import path aigc_ray.serving.app:build_app); args are ServeOptions
     fields, e.g. {"checkpoints": ["runs/x/checkpoint_y"], "max_num_images": 64}."""
     options = ServeOptions(**args)
-    models = {}
-    for name, uri in options.models().items():
+    models, canaries = {}, {}
+    served = options.models()
+    for name, uri, role in [*((n, u, "current") for n, u in served.items()),
+                            *((n, u, "canary") for n, u in options.canaries.items())]:
         init = {"name": name, "max_batch_images": options.max_batch_images,
-                "batch_wait_timeout_s": options.batch_wait_timeout_s}
-        models[name] = GeneratorModel.options(
-            name=f"model-{name}", user_config={"checkpoint": uri},
+                "batch_wait_timeout_s": options.batch_wait_timeout_s, **({"role": role} if role == "canary" else {})}
+        (models if role == "current" else canaries)[name] = GeneratorModel.options(
+            name=f"model-{name}" if role == "current" else canary_deployment(name), user_config={"checkpoint": uri},
             ray_actor_options={"num_cpus": options.replica_cpus, "num_gpus": options.replica_gpus},
             max_ongoing_requests=options.max_ongoing_requests, max_queued_requests=options.max_queued_requests,
             autoscaling_config={"min_replicas": options.min_replicas, "max_replicas": options.max_replicas,
@@ -333,9 +372,9 @@ def build_app(args: dict) -> serve.Application:
         ).bind(**init)
     # The ingress needs no checkpoint URIs: keeping them out of its args and version means a checkpoint change
     # only reconfigures the model deployments; the ingress replica keeps running (no dropped requests).
-    plain = {**dataclasses.asdict(options), "checkpoints": list(models)}
-    return Ingress.options(ray_actor_options={"num_cpus": 0},
-                           version=_version("ingress", sorted(models), plain), _internal=True).bind(models, plain)
+    plain = {**dataclasses.asdict(options), "checkpoints": list(models), "canaries": {}}
+    return Ingress.options(ray_actor_options={"num_cpus": 0}, version=_version("ingress", sorted(models), plain),
+                           _internal=True).bind(models, plain, canaries)
 
 
 def start(host: str = "127.0.0.1", http_port: int = 8000, grpc_port: int = 9000, request_timeout_s: float = 30.0) -> None:
@@ -347,9 +386,16 @@ def start(host: str = "127.0.0.1", http_port: int = 8000, grpc_port: int = 9000,
                                          request_timeout_s=request_timeout_s + 5))
 
 
-def deploy(args: dict, blocking: bool = False) -> DeploymentHandle:
-    """Deploy (or update in place: new checkpoint URIs -> reconfigure) the application."""
-    return serve.run(build_app(args), name=APP_NAME, route_prefix="/", blocking=blocking)
+def deploy(args: dict, blocking: bool = False, name: str = APP_NAME) -> DeploymentHandle:
+    """Deploy (or update in place: new checkpoint URIs -> reconfigure) the application. The args are kept in
+    Ray's GCS, where `aigc-ray promote` finds them to swap a checkpoint (serving/rollout.py)."""
+    from aigc_ray.serving import rollout
+
+    if blocking:
+        rollout.remember_args(name, args)
+    handle = serve.run(build_app(args), name=name, route_prefix="/", blocking=blocking)
+    rollout.remember_args(name, args)
+    return handle
 
 
 def check_exposure(options: ServeOptions, host: str, insecure: bool = False) -> str:
@@ -379,8 +425,9 @@ def run_until_interrupted(args: dict, host: str = "127.0.0.1", http_port: int = 
     token = check_exposure(options, host, insecure)
     # Serve's gRPC proxy reads its message cap from the environment it starts in (a local Ray inherits ours)
     os.environ.setdefault("RAY_SERVE_GRPC_MAX_MESSAGE_SIZE", str(options.max_body_bytes + 64 * 1024))
-    signal.signal(signal.SIGTERM, _stop)  # `kill`, container stop: same clean shutdown as Ctrl-C
     ray.init(address=address or os.environ.get("RAY_ADDRESS"), ignore_reinit_error=True)
+    # after ray.init, which installs a SIGTERM handler of its own that aborts the process (exit 134)
+    signal.signal(signal.SIGTERM, _stop)  # `kill`, container stop: same clean shutdown as Ctrl-C
     try:
         start(host, http_port, grpc_port, options.request_timeout_s)
         deploy(dataclasses.asdict(options))

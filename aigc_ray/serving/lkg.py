@@ -7,7 +7,9 @@ tolerance). A file beside the checkpoints would need a writable shared store the
 (read-only buckets), and a detached actor is a process that dies with its node.
 
 Record: {"checkpoint": URI, "version": model version}, written only after the checkpoint loaded and passed
-its test forward pass.
+its test forward pass. The same store keeps, in their own namespaces, the state of a running canary
+(serving/canary.py) and the arguments `aigc-ray serve` deployed its app with (serving/rollout.py), for the
+same reason: they must outlive any one replica.
 """
 
 from __future__ import annotations
@@ -19,19 +21,25 @@ NAMESPACE = "aigc_serve_lkg"
 logger = logging.getLogger("ray.serve")
 
 
-def remember(key: str, record: dict) -> None:
+def remember(key: str, record: dict, namespace: str = NAMESPACE) -> None:
     from ray.experimental import internal_kv
 
     try:
-        internal_kv._internal_kv_put(key.encode(), json.dumps(record).encode(), overwrite=True, namespace=NAMESPACE)
+        internal_kv._internal_kv_put(key.encode(), json.dumps(record).encode(), overwrite=True, namespace=namespace)
     except Exception as err:  # serving goes on; only the fallback of later replicas is lost
-        logger.error("last-known-good %s: not recorded (%s: %s)", key, type(err).__name__, err)
+        logger.error("%s %s: not recorded (%s: %s)", namespace, key, type(err).__name__, err)
 
 
-def recall(key: str) -> dict | None:
+def forget(key: str, namespace: str = NAMESPACE) -> None:
     from ray.experimental import internal_kv
 
-    raw = internal_kv._internal_kv_get(key.encode(), namespace=NAMESPACE)
+    internal_kv._internal_kv_del(key.encode(), namespace=namespace)
+
+
+def recall(key: str, namespace: str = NAMESPACE) -> dict | None:
+    from ray.experimental import internal_kv
+
+    raw = internal_kv._internal_kv_get(key.encode(), namespace=namespace)
     if not raw:
         return None
     try:

@@ -56,8 +56,9 @@ class BadRequest(ValueError):
 
 @serve.deployment(max_ongoing_requests=256, ray_actor_options={"num_cpus": 1})
 class GeneratorModel:
-    def __init__(self, name: str, max_batch_images: int = 64, batch_wait_timeout_s: float = 0.005):
-        self.name = name
+    def __init__(self, name: str, max_batch_images: int = 64, batch_wait_timeout_s: float = 0.005,
+                 role: str = "current"):
+        self.name, self.role = name, role  # role "canary": a candidate beside the current version (canary.py)
         self.max_batch_images = max_batch_images
         self.pipe: GeneratorPipeline | None = None
         self.checkpoint = ""
@@ -76,6 +77,8 @@ class GeneratorModel:
         self.latency_ms = Histogram("aigc_request_latency_ms", description="Model-side request latency (ms).",
                                     boundaries=[1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000],
                                     tag_keys=(*tags, "op"))
+        self.quality = Gauge("aigc_model_quality", description="The served checkpoint's quality card: fid, its floor "
+                             "and fid_over_floor (lower is better).", tag_keys=(*tags, "role", "metric"))
 
     # ---- checkpoint loading / swapping -------------------------------------------------------
 
@@ -89,6 +92,10 @@ class GeneratorModel:
             pipe, card = self._load(uri)
         except Exception as err:  # any failure: keep what serves now, or fall back to the last known good
             reason = f"checkpoint {uri!r} failed to load ({type(err).__name__}: {str(err)[:300]})"
+            if self.pipe is None and self.role == "canary":  # stays up empty: promote sees why and removes it,
+                self.last_error = reason                        # and requests fail fast (counted against it)
+                logger.error("model %s (candidate): %s", self.name, reason)
+                return
             if self.pipe is None:
                 self._fall_back(reason)
             self.last_error = f"{reason}; still serving {self.pipe.version} from {self.checkpoint!r}"
@@ -97,7 +104,8 @@ class GeneratorModel:
             return
         old = self.pipe.version if self.pipe else None
         self._serve(pipe, card, uri)
-        lkg.remember(self.lkg_key, {"checkpoint": uri, "version": pipe.version})
+        if self.role == "current":  # a candidate is not known good until promoted (--finish)
+            lkg.remember(self.lkg_key, {"checkpoint": uri, "version": pipe.version})
         logger.info("model %s: serving %s from %s (was %s; loaded in %.2fs)", self.name, pipe.version, uri, old,
                     time.perf_counter() - started)
 
@@ -105,11 +113,16 @@ class GeneratorModel:
         self.pipe, self.card, self.checkpoint = pipe, card, uri
         self.last_error = "" if uri == self.requested else self.last_error
         self.degraded_gauge.set(0 if uri == self.requested else 1, tags={"model": self.name})
+        fid, floor = ((card or {}).get(k, {}).get("fid") for k in ("metrics", "floor"))
+        tags = {"model": self.name, "model_version": pipe.version, "role": self.role}
+        for metric, value in (("fid", fid), ("floor", floor), ("fid_over_floor", fid / floor if fid and floor else None)):
+            if isinstance(value, (int, float)):
+                self.quality.set(float(value), tags={**tags, "metric": metric})
 
     def _fall_back(self, reason: str) -> None:
         """A new replica (restart, scale-up, another node) whose configured checkpoint does not load serves the
         last one that loaded and passed its test run on any replica of this model; with none, it fails."""
-        good = lkg.recall(self.lkg_key)
+        good = lkg.recall(self.lkg_key) if self.role == "current" else None  # a candidate never falls back
         if not good or good.get("checkpoint") in (None, self.requested):
             raise RuntimeError(f"model {self.name}: {reason}; no last-known-good checkpoint to fall back to")
         try:
@@ -142,14 +155,17 @@ class GeneratorModel:
 
     def info(self) -> dict[str, Any]:
         p = self.pipe
+        if p is None:  # a candidate whose checkpoint did not load
+            return {"name": self.name, "version": "", "checkpoint": "", "requested": self.requested, "degraded": True,
+                    "last_error": self.last_error, "role": self.role, "card": None}
         return {"name": self.name, "version": p.version, "family": p.family, "checkpoint": self.checkpoint,
                 "image_size": p.image_size, "channels": p.channels, "num_classes": p.num_classes,
                 "latent_dim": p.latent_dim, "can_generate": p.can_generate, "can_reconstruct": p.can_reconstruct,
                 "card": self.card, "requested": self.requested, "degraded": self.checkpoint != self.requested,
-                "last_error": self.last_error}
+                "last_error": self.last_error, "role": self.role}
 
     def check_health(self) -> None:
-        if self.pipe is None:
+        if self.pipe is None and self.role == "current":
             raise RuntimeError(f"model {self.name}: no checkpoint loaded")
 
     # ---- generation ----------------------------------------------------------------------------
@@ -157,6 +173,8 @@ class GeneratorModel:
     async def generate(self, seeds: list[int], labels: list[int] | None) -> dict[str, Any]:
         """PNGs for `seeds`; all from one model version even if a swap lands mid-request."""
         started = time.perf_counter()
+        if self.pipe is None:
+            raise RuntimeError(f"model {self.name} (candidate): no checkpoint loaded: {self.last_error}")
         for _ in range(3):
             pipe = self.pipe
             try:

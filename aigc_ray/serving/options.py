@@ -57,6 +57,10 @@ class ServeOptions:
     api_token_file: str = ""
     """A file holding the bearer token (e.g. a mounted Kubernetes Secret); read by each ingress replica,
     which fails to start if it is missing or empty (never silently open)."""
+    canaries: dict = dataclasses.field(default_factory=dict)
+    """{NAME: PATH_OR_URI}: a candidate served beside model NAME in its own deployment (model-NAME-canary).
+    Written by `aigc-ray promote --canary`, which also sets the candidate's share of the traffic (kept in Ray's
+    GCS, see serving/canary.py); a candidate listed here without that gets no traffic."""
 
     def __post_init__(self) -> None:
         if not self.checkpoints:
@@ -71,6 +75,12 @@ class ServeOptions:
             raise ValueError(f"min_replicas ({self.min_replicas}) > max_replicas ({self.max_replicas})")
         if self.replica_gpus < 0:
             raise ValueError(f"replica_gpus: must be >= 0, got {self.replica_gpus!r}")
+        if not isinstance(self.canaries, dict) or not all(isinstance(v, str) and v for v in self.canaries.values()):
+            raise ValueError("canaries: a mapping of served model NAME to a checkpoint path or URI")
+        unknown = set(self.canaries) - set(self.models())
+        if unknown:
+            raise ValueError(f"canaries: {', '.join(sorted(unknown))} is not a served model name "
+                             f"(served: {', '.join(self.models())})")
         for key in ("batch_wait_timeout_s", "request_timeout_s", "target_ongoing_requests", "replica_cpus"):
             if getattr(self, key) < 0 or (key != "batch_wait_timeout_s" and getattr(self, key) == 0):
                 raise ValueError(f"{key}: must be > 0")
