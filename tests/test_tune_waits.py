@@ -10,10 +10,10 @@ from types import SimpleNamespace
 
 import pytest
 import yaml
+from conftest import tiny_config
+from test_tune import _spec
 
 from aigc_ray.train.waits import StartTimeout, first_batch_within
-from tests.conftest import tiny_config
-from tests.test_tune import _spec
 
 
 def test_first_batch_within_passes_batches_and_bounds_only_the_first():
