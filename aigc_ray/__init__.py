@@ -1,3 +1,14 @@
 """aigc-ray: train, tune, evaluate and serve image generators on Ray."""
 
+import os as _os
+
 __version__ = "0.1.0"
+
+if _os.environ.get("AIGC_RAY_EVAL_WORKER") == "background":
+    # A training run's evaluation worker (its runtime_env sets this, train/validation.py): lower its
+    # priority before anything heavy is imported. Its first task's imports (torch, the feature net:
+    # ~10 s of CPU here) would otherwise compete with training at normal priority. (Ray's
+    # worker_process_setup_hook would be the place, but 2.60 runs it for ray.init's runtime_env only.)
+    from aigc_ray.train.background import run_in_background as _run_in_background
+
+    _run_in_background()

@@ -1,6 +1,7 @@
 """Quality evaluation: domain FID/KID with floor and ceiling, the card, the CLI, and training that
 keeps the best checkpoint by FID. Real prepared data, real feature nets, real Ray Train."""
 
+import functools
 import json
 import os
 import subprocess
@@ -136,3 +137,13 @@ print([os.sched_getscheduler(0), *policies])
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == f"[{os.SCHED_IDLE}, {os.SCHED_IDLE}]"
+
+
+def test_an_evaluation_worker_is_in_the_background_before_its_heavy_imports():
+    # the validation task's runtime_env sets AIGC_RAY_EVAL_WORKER: the first import of aigc_ray
+    # in that worker lowers its priority, before torch is imported; other processes are untouched
+    code = "import os, sys, aigc_ray; print(os.sched_getscheduler(0), 'torch' in sys.modules)"
+    run = functools.partial(subprocess.run, [sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert run(env=dict(os.environ, AIGC_RAY_EVAL_WORKER="background")).stdout.split() == [str(os.SCHED_IDLE), "False"]
+    assert run(env={k: v for k, v in os.environ.items() if k != "AIGC_RAY_EVAL_WORKER"}).stdout.split() == [
+        str(os.SCHED_OTHER), "False"]

@@ -75,7 +75,17 @@ class FeatureNet(nn.Module):
     def logits(self, images: torch.Tensor) -> torch.Tensor:
         if self.kind != "classifier":
             raise ValueError("an autoencoder feature net has no class logits")
-        return self.head(F.leaky_relu(self.trunk(self.prep(images)), 0.1))
+        return self._logits(self.trunk(self.prep(images)))
+
+    def _logits(self, trunk_out: torch.Tensor) -> torch.Tensor:
+        return self.head(F.leaky_relu(trunk_out, 0.1))
+
+    def features_and_logits(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """forward() and logits() (None for an autoencoder) from one pass through the trunk: an
+        evaluation needs both for every generated image."""
+        trunk_out = self.trunk(self.prep(images))
+        features = (trunk_out - self.feat_mean) / self.feat_std
+        return features, self._logits(trunk_out) if self.kind == "classifier" else None
 
     def reconstruct(self, images: torch.Tensor) -> torch.Tensor:
         out = torch.tanh(self.head(self.trunk(self.prep(images))))

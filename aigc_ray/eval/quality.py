@@ -43,32 +43,53 @@ LOWER_IS_BETTER = ("fid", "kid")
 _cache: dict[tuple, Any] = {}  # floors, ceilings, loaded splits: reused across evaluations in one process
 
 
-def domain_metrics(net: FeatureNet, real: torch.Tensor, fake: torch.Tensor, seed: int = 0) -> dict[str, float]:
-    """All metrics of ``fake`` against ``real`` (both uint8 (N, C, S, S)) through ``net``."""
+class _Precomputed(torch.nn.Module):
+    """The feature extractor handed to torchmetrics' FID and KID: the features are computed once
+    per image set (``net_outputs``), and shared by FID, KID, precision/recall and the class scores."""
+
+    def __init__(self, num_features: int):
+        super().__init__()
+        self.num_features = num_features
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return features
+
+
+def net_outputs(net: FeatureNet, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """uint8 (N, C, S, S) -> features (N, D) float32 and class logits (N, K) (None for an
+    autoencoder net), in chunks of 512 images."""
+    with torch.no_grad():
+        parts = [net.features_and_logits(b) for b in images.split(512)]
+    features = torch.cat([f for f, _ in parts])
+    return features, (torch.cat([lg for _, lg in parts]) if parts[0][1] is not None else None)
+
+
+def domain_metrics(net: FeatureNet, real: torch.Tensor, fake: torch.Tensor, seed: int = 0, *,
+                   real_outputs: tuple[torch.Tensor, torch.Tensor | None] | None = None) -> dict[str, float]:
+    """All metrics of ``fake`` against ``real`` (both uint8 (N, C, S, S)) through ``net``.
+    ``real_outputs``: ``net_outputs(net, real)`` when the caller already has them (the reference
+    set is the same for every evaluation of a run)."""
     n = min(len(real), len(fake))
-    fid = FrechetInceptionDistance(feature=net, normalize=False)
+    real_feats, _ = real_outputs or net_outputs(net, real)
+    fake_feats, fake_logits = net_outputs(net, fake)
+    fid = FrechetInceptionDistance(feature=_Precomputed(net.num_features), normalize=False)
     with warnings.catch_warnings():  # "will save all extracted features": a few hundred 64-d rows here
         warnings.simplefilter("ignore", UserWarning)
-        kid = KernelInceptionDistance(feature=net, subsets=50, subset_size=max(2, min(1000, n // 2)), normalize=False)
+        kid = KernelInceptionDistance(feature=_Precomputed(net.num_features), subsets=50,
+                                      subset_size=max(2, min(1000, n // 2)), normalize=False)
     with torch.no_grad():
         for metric in (fid, kid):
-            for chunk in real.split(512):
+            for chunk in real_feats.split(512):
                 metric.update(chunk, real=True)
-            for chunk in fake.split(512):
+            for chunk in fake_feats.split(512):
                 metric.update(chunk, real=False)
         torch.manual_seed(seed)  # KID draws its subsets from the global generator
         kid_mean, kid_std = kid.compute()
         out = {"fid": float(fid.compute()), "kid": float(kid_mean), "kid_std": float(kid_std)}
-        feats_real, feats_fake = _features(net, real), _features(net, fake)
-        out["precision"], out["recall"] = precision_recall(feats_real, feats_fake)
-        if net.kind == "classifier":
-            probs = torch.cat([net.logits(b).softmax(1) for b in fake.split(512)]).double()
-            out.update(classifier_scores(probs))
+        out["precision"], out["recall"] = precision_recall(real_feats.double(), fake_feats.double())
+        if fake_logits is not None:
+            out.update(classifier_scores(fake_logits.softmax(1).double()))
     return out
-
-
-def _features(net: FeatureNet, images: torch.Tensor) -> torch.Tensor:
-    return torch.cat([net(b) for b in images.split(512)]).double()
 
 
 def precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int = PR_NEIGHBOURS) -> tuple[float, float]:
@@ -169,18 +190,22 @@ def score_checkpoint(checkpoint_dir: str, num_samples: int | None = None, seed: 
 
     model, _ = load_generator(checkpoint_dir)
     pipe = GeneratorPipeline(model, meta, model_version(checkpoint_dir))
-    metrics = domain_metrics(net, reference, _sample(pipe, n, seed, held_out), seed)
+    key = ("reference", manifest["content_hash"], n, seed)
+    if key not in _cache:  # the same images through the same net in every evaluation of a run
+        _cache[key] = net_outputs(net, reference)
+    real_outputs = _cache[key]
+    metrics = domain_metrics(net, reference, _sample(pipe, n, seed, held_out), seed, real_outputs=real_outputs)
 
     key = ("floor", manifest["content_hash"], n, seed)
     if key not in _cache:
-        _cache[key] = domain_metrics(net, reference, held_out, seed)
+        _cache[key] = domain_metrics(net, reference, held_out, seed, real_outputs=real_outputs)
     floor = _cache[key]
     key = ("ceiling", manifest["content_hash"], n, seed, json.dumps(meta["model"], sort_keys=True))
     if key not in _cache:
         torch.manual_seed(seed)
         untrained = build_generator(model_config(meta)).eval()
         _cache[key] = domain_metrics(net, reference, _sample(GeneratorPipeline(untrained, meta, "untrained"),
-                                                             n, seed, held_out), seed)
+                                                             n, seed, held_out), seed, real_outputs=real_outputs)
     ceiling = _cache[key]
 
     # value / floor; none where the floor isn't a positive distance-like number (KID's unbiased

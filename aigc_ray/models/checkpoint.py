@@ -110,14 +110,25 @@ class _SkipInit(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+_shapes_cache: dict[tuple[str, bool], dict[str, tuple[tuple[int, ...], torch.dtype]]] = {}
+
+
 def weight_shapes(cfg: ModelConfig, discriminator: bool = False) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """{name: (shape, dtype)} of the generator's (or discriminator's) state, from a model built
-    on the meta device: nothing allocated, whatever the config asks for."""
+    on the meta device: nothing allocated, whatever the config asks for. Cached per config: a
+    meta build costs about a second for a spectral-norm model (its power iterations dispatch
+    op by op), and an evaluation task loads a checkpoint of the same model every few epochs."""
+    from dataclasses import asdict
+
     from aigc_ray.models import build_discriminator
 
-    with torch.device("meta"), _SkipInit():
-        module = build_discriminator(cfg) if discriminator else build_generator(cfg)
-    return {k: (tuple(v.shape), v.dtype) for k, v in (module.state_dict() if module is not None else {}).items()}
+    key = (json.dumps(asdict(cfg), sort_keys=True, default=str), discriminator)
+    if key not in _shapes_cache:
+        with torch.device("meta"), _SkipInit():
+            module = build_discriminator(cfg) if discriminator else build_generator(cfg)
+        _shapes_cache[key] = {k: (tuple(v.shape), v.dtype)
+                              for k, v in (module.state_dict() if module is not None else {}).items()}
+    return dict(_shapes_cache[key])
 
 
 def _check_weights_header(weights: Path, cfg: ModelConfig) -> None:

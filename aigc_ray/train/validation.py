@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import threading
 
 import pyarrow.fs as pafs
 import ray.train
 
 from aigc_ray import storage
 from aigc_ray.config import ExperimentConfig
+from aigc_ray.train.background import run_in_background
 
 EVALS = "evals"
 UNSCORED = math.inf  # the "fid" a checkpoint carries until evaluated: ranks it last, never best
@@ -47,22 +46,6 @@ def validate(checkpoint: ray.train.Checkpoint, run_dir: str, num_samples: int, s
     return metrics
 
 
-def run_in_background() -> None:
-    """Make the calling thread a background job: SCHED_IDLE (Linux), which runs only on CPU time
-    no normal thread wants; the lowest nice where there is none. Linux schedules threads, not
-    processes: threads this one starts later (torch's pools) inherit it, Ray's own threads in
-    the process keep theirs. It can't be undone without privileges, which is why the task runs
-    in worker processes of its own (the runtime_env in validation_config)."""
-    tid = threading.get_native_id()
-    try:
-        if hasattr(os, "SCHED_IDLE"):
-            os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
-        else:  # pragma: no cover - not Linux
-            os.setpriority(os.PRIO_PROCESS, tid, 19)
-    except OSError as err:  # pragma: no cover - a sandbox that forbids it: score at normal priority
-        print(f"eval: could not lower the evaluation's priority: {err}")
-
-
 def record_eval(run_dir: str, card: dict, metrics: dict, checkpoint_path: str) -> None:
     """<run>/evals/epoch_N.json: what an evaluation measured (merged into metrics.jsonl)."""
     record = {"epoch": card["epoch"], "step": card["step"], **metrics, "checkpoint": checkpoint_path}
@@ -77,7 +60,8 @@ def validation_config(cfg: ExperimentConfig, run_dir: str) -> ray.train.Validati
                        "background": cfg.eval.background},
             timeout_s=cfg.eval.timeout_s or None),
         # a background evaluation's priority can't be raised back: a runtime_env of its own
-        # gives it worker processes that no other task or actor is handed
+        # gives it worker processes that no other task or actor is handed; importing aigc_ray
+        # there lowers the priority before the task's heavy imports (aigc_ray/__init__.py)
         ray_remote_kwargs={"num_cpus": cfg.eval.cpus, "num_gpus": 0}
         | ({"runtime_env": {"env_vars": {"AIGC_RAY_EVAL_WORKER": "background"}}} if cfg.eval.background else {}))
 
