@@ -7,6 +7,7 @@ and shares it. Training fixtures use tiny configs and a few steps.
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 
@@ -66,3 +67,40 @@ def trained_vae_checkpoint(ray_session, tmp_path_factory, data_root):
     tmp = tmp_path_factory.mktemp("ckpt_vae")
     cfg = tiny_config(tmp, "vae").with_overrides({"data.data_root": str(data_root), "train.name": "tiny-vae"})
     return run_training(cfg).checkpoint
+
+
+# --- where the suite's time goes: how busy the machine's CPUs were during each slow test ---------
+# (A test that is slow with its CPUs idle waits on something, a poll or a timeout; one that is
+# slow and busy computes. CI prints both for the 15 slowest tests.)
+_CPU_USE: list[tuple[float, float, str]] = []
+
+
+def _busy_cpu_seconds() -> float | None:
+    """Machine-wide CPU seconds spent not idle since boot (Linux /proc/stat), or None."""
+    try:
+        with open("/proc/stat") as stat:
+            ticks = [int(x) for x in stat.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")  # less idle and iowait
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    busy, began = _busy_cpu_seconds(), time.monotonic()
+    yield
+    after = _busy_cpu_seconds()
+    if busy is not None and after is not None:
+        wall = time.monotonic() - began
+        _CPU_USE.append((wall, min(1.0, (after - busy) / max(wall * (os.cpu_count() or 1), 1e-9)), item.nodeid))
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not _CPU_USE:
+        return
+    wall = sum(w for w, _, _ in _CPU_USE)
+    busy = sum(w * share for w, share, _ in _CPU_USE) / max(wall, 1e-9)
+    terminalreporter.section(f"CPU use (all {os.cpu_count()} cores, machine-wide): {busy:.0%} busy over "
+                             f"{wall:.0f} s of tests; the 15 slowest")
+    for seconds, share, nodeid in sorted(_CPU_USE, reverse=True)[:15]:
+        terminalreporter.write_line(f"{seconds:7.1f}s {share:5.0%} busy  {nodeid}")
