@@ -63,6 +63,9 @@ def run(scheduler: str, args, size: dict, out: str, min_rung_results: int = 1) -
     outcome = run_sweep(spec, out=str(Path(out, spec.name)), export=False)
     wall = time.perf_counter() - started
     print(format_table(outcome), file=sys.stderr)
+    from aigc_ray.tuning.sweep import read_history
+
+    history = str(Path(outcome.experiment, "history"))
     return {"best_fid": outcome.best.best if outcome.best else None,
             "best_trial": dataclasses.asdict(outcome.best) if outcome.best else None,
             "trial_epochs": outcome.trial_epochs,
@@ -70,7 +73,29 @@ def run(scheduler: str, args, size: dict, out: str, min_rung_results: int = 1) -
             "trials_stopped_early": sum(r.stopped_early for r in outcome.rows),
             "trials": len(outcome.rows), "wall_s": round(wall, 1),
             "per_trial": [{"params": r.params, "best_fid": r.best, "epochs": r.epochs, "scored_epochs": r.scored_epochs,
-                           "stopped_early": r.stopped_early} for r in outcome.rows]}
+                           "stopped_early": r.stopped_early,
+                           "fid_by_epoch": {int(h["epoch"]): h["fid"] for h in read_history(history, r.trial_id)
+                                            if h.get("fid") is not None and float(h["epoch"]).is_integer()}}
+                          for r in outcome.rows]}
+
+
+def rung_signal(fifo: dict) -> dict[int, float]:
+    """How well each epoch's FID predicts a trial's best FID, from the FIFO sweep (every trial
+    ran every epoch): Spearman's rank correlation across trials, per epoch. A rung at an epoch
+    whose correlation is low stops the wrong trials; the grace period should be the first
+    epoch where it is high."""
+    import torch
+    from torchmetrics.functional import spearman_corrcoef
+
+    trials = [t for t in fifo["per_trial"] if t["best_fid"] is not None and t["fid_by_epoch"]]
+    epochs = sorted({e for t in trials for e in t["fid_by_epoch"]})
+    out = {}
+    for epoch in epochs:
+        pairs = [(t["fid_by_epoch"][epoch], t["best_fid"]) for t in trials if epoch in t["fid_by_epoch"]]
+        if len(pairs) >= 3:
+            at, best = torch.tensor(pairs, dtype=torch.float64).T
+            out[epoch] = round(float(spearman_corrcoef(at, best)), 3)
+    return out
 
 
 def main() -> int:
@@ -109,6 +134,7 @@ def main() -> int:
         "asha_over_fifo_scored_trial_epochs": asha["scored_trial_epochs"] / fifo["scored_trial_epochs"],
         "target": "ASHA best FID within 10% of FIFO's (ratio <= 1.10) with <= 40% of its trial-epochs",
         "target_met": bool(fid_ratio is not None and fid_ratio <= 1.10 and epoch_ratio <= 0.40),
+        "fifo_rank_correlation_of_epoch_fid_with_best": rung_signal(fifo),
     }
     if asha_min:
         min_fid = asha_min["best_fid"] / fifo["best_fid"] if asha_min["best_fid"] and fifo["best_fid"] else None
@@ -118,8 +144,8 @@ def main() -> int:
                    "asha_min_target_met": bool(min_fid is not None and min_fid <= 1.10 and min_epochs <= 0.40)}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
-    print(json.dumps({k: v for k, v in result.items() if k.endswith(("_best_fid", "_trial_epochs", "target_met"))},
-                     indent=2))
+    print(json.dumps({k: v for k, v in result.items()
+                      if k.endswith(("_best_fid", "_trial_epochs", "target_met", "_with_best"))}, indent=2))
     return 0
 
 
