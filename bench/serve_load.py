@@ -83,7 +83,8 @@ async def run_plain(args, ckpt: str, results: dict) -> None:
     import httpx
 
     port = free_port()
-    proc = subprocess.Popen([sys.executable, __file__, "--plain-server", ckpt, str(port), "--device", args.device])
+    proc = subprocess.Popen([sys.executable, __file__, "--plain-server", ckpt, str(port), "--device", args.device],
+                            preexec_fn=lambda: os.nice(args.niceness))  # Ray's workers' niceness: a fair comparison
     limits = httpx.Limits(max_connections=256, max_keepalive_connections=256)
     try:
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=60, limits=limits) as client:
@@ -254,6 +255,10 @@ def main() -> int:
                                                               "64 makes the model's own work count)")
     p.add_argument("--channels", type=int, default=1, choices=(1, 3), help="channels of the default fresh checkpoints")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where the model runs, in every mode")
+    p.add_argument("--niceness", type=int, default=0,
+                   help="niceness of Ray's worker processes (Serve's proxy and replicas; Ray's own default is 15, "
+                        "`aigc-ray serve` uses 0) and of the plain server alike; the load generator keeps this "
+                        "process's")
     p.add_argument("--plain-server", nargs=2, metavar=("CHECKPOINT", "PORT"), help=argparse.SUPPRESS)
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "serve_load.json"))
     args = p.parse_args()
@@ -278,6 +283,7 @@ def main() -> int:
         print(f"{'a_inprocess':18s} c={c:<3d} {r['images_per_s']:8.1f} img/s  p50 {r['p50_ms']:8.1f} ms  "
               f"p99 {r['p99_ms']:8.1f} ms", flush=True)
     asyncio.run(run_plain(args, ckpt_a, results))
+    os.environ["RAY_worker_niceness"] = str(args.niceness)  # each worker nice()s itself by this (core_worker.cc)
     ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
     try:
         asyncio.run(run_serve_modes(args, ckpt_a, ckpt_b, results))
