@@ -401,8 +401,12 @@ def _load(url: str, seconds: float, concurrency: int = 8) -> list[tuple[int, str
             async def worker(w):
                 i = 0
                 while time.perf_counter() < stop:
-                    r = await client.post(url, json={"num_images": 1, "seed": w * 1000 + i})
-                    out.append((r.status_code, r.json().get("model_version", "") if r.status_code == 200 else r.text))
+                    try:
+                        r = await client.post(url, json={"num_images": 1, "seed": w * 1000 + i})
+                    except httpx.TransportError as err:  # in flight on the replica that died: the connection drops
+                        out.append((0, type(err).__name__))
+                    else:
+                        out.append((r.status_code, r.json().get("model_version", "") if r.status_code == 200 else r.text))
                     i += 1
             await asyncio.gather(*(worker(w) for w in range(concurrency)))
         return out
@@ -440,7 +444,10 @@ def test_checkpoint_swap_bad_rollout_then_replica_kill_serves_last_known_good(se
         time.sleep(1.0)
         assert _kill_replicas("model-gan") == 1
         during = during.result()
-    assert {status for status, _ in during} <= {200, 503}, [x for x in during if x[0] not in (200, 503)][:3]
+    # The first model runs inside the ingress replica: the requests in flight on it when it dies are lost (a dropped
+    # connection or Serve's 500), at most one per client; every other request is answered (200, or 503 + Retry-After)
+    lost = [x for x in during if x[0] not in (200, 503)]
+    assert len(lost) <= 8 and {status for status, _ in lost} <= {0, 500}, lost[:3]
     deadline = time.monotonic() + 120
     while http.post("/v1/generate", json={"num_images": 1}).status_code != 200:  # the replacement is up
         assert time.monotonic() < deadline, "replacement replica never came up"
