@@ -88,14 +88,14 @@ async def run_plain(args, ckpt: str, results: dict) -> None:
     limits = httpx.Limits(max_connections=256, max_keepalive_connections=256)
     try:
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=60, limits=limits) as client:
-            for _ in range(300):  # up within 30 s, or say so
+            for _ in range(1200):  # up within 120 s (a niced server starts slowly on a busy machine), or say so
                 try:
                     await client.post("/v1/generate", json={"num_images": 1})
                     break
                 except httpx.TransportError:
                     await asyncio.sleep(0.1)
             else:
-                raise RuntimeError("plain server did not start in 30 s")
+                raise RuntimeError("plain server did not start in 120 s")
             await load(http_sender(client), 4, 1.0, args.images_per_request)  # warm-up
             for c in args.concurrency:
                 results["p_plain_http"][str(c)] = r = await load(http_sender(client), c, args.duration,
@@ -202,10 +202,11 @@ async def run_serve_modes(args, ckpt_a: str, ckpt_b: str, results: dict) -> None
     from aigc_ray.serving.proto import aigc_pb2_grpc
 
     http_port, grpc_port = free_port(), free_port()
-    app.start(http_port=http_port, grpc_port=grpc_port, request_timeout_s=60)
+    quiet = {"access_log": False} if args.no_access_log else {}
+    app.start(http_port=http_port, grpc_port=grpc_port, request_timeout_s=60, **quiet)
     base = {"max_num_images": 64, "min_replicas": 1, "max_replicas": 1, "replica_cpus": 1, "request_timeout_s": 60,
             "replica_gpus": 1 if args.device == "cuda" else 0, "max_queued_requests": 4096,
-            "max_ongoing_requests": 256}  # throughput cells measure speed, not shedding
+            "max_ongoing_requests": 256, **quiet}  # throughput cells measure speed, not shedding
     limits = httpx.Limits(max_connections=256, max_keepalive_connections=256)
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{http_port}", timeout=60, limits=limits) as client, \
             grpc.aio.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
@@ -294,6 +295,7 @@ async def run_overload(args, app, ckpt: str, client, stub, results: dict) -> Non
             return "shed" if err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED else err.code().name
 
     await asyncio.to_thread(app.deploy, {"checkpoints": [f"gen={ckpt}"], "min_replicas": 1, "max_replicas": 1,
+                                         **({"access_log": False} if args.no_access_log else {}),
                                          "replica_cpus": 1, "replica_gpus": 1 if args.device == "cuda" else 0})
     out = results["overload"] = {}
     for proto, send, closed in (("http", http_send, "b_http_batched"), ("grpc", grpc_send, "d_grpc_batched")):
@@ -328,6 +330,8 @@ def main() -> int:
                         "process's")
     p.add_argument("--overload", action="store_true", help="then open-loop load at 0.5x and 4x the sustainable "
                    "rate with the shipped queue bounds (admitted p99, shed latency, hangs)")
+    p.add_argument("--no-access-log", action="store_true", help="Serve without its access log line per request "
+                   "(the plain server writes none)")
     p.add_argument("--serve-env", action="append", default=[], metavar="KEY=VALUE",
                    help="an environment variable for Ray's processes (proxy, replicas), e.g. RAY_SERVE_... knobs")
     p.add_argument("--plain-server", nargs=2, metavar=("CHECKPOINT", "PORT"), help=argparse.SUPPRESS)
