@@ -6,7 +6,7 @@ One checkpoint (default: a freshly initialised dcgan-digits generator, 16x16, wi
 not change the cost), one model replica, requests of --images-per-request images:
   (a) in-process GeneratorPipeline.generate on batches of `concurrency` images (the ceiling: no Serve),
   (b) Serve HTTP with @serve.batch (max_batch_images 64), (c) Serve HTTP without batching (max 1),
-  (d) Serve gRPC with batching,
+  (d) Serve gRPC with batching, (e) Serve gRPC without batching,
   (p) the baseline: one plain uvicorn + FastAPI process with the model in it, the same JSON envelope
       (base64 PNGs with their tEXt chunks), no batching, no Ray;
 at each concurrency: images/s, p50/p99 latency (ms), errors; ratios (b)/(c) and (d)/(b) at the highest
@@ -15,6 +15,10 @@ HTTP >= 0.5x its requests/s at 8 and 64, p50 at concurrency 1 <= 3x).
 Then the swap check: load at concurrency 16 while the checkpoint is swapped to a second one; expects zero
 failed requests and responses switching version. --device cuda puts the model on the GPU in every mode
 (Serve: replica_gpus 1).
+--overload then sends open-loop load (a fixed arrival rate) at 0.5x and 4x the sustainable rate with the shipped
+queue bounds: admitted p99 at 4x against 0.5x (target <= 2x), how fast the rest are shed, how many hung.
+--niceness runs Ray's workers and the plain server at the same niceness (default 0, as `aigc-ray serve` does;
+Ray's own default for workers is 15, which on a busy machine starves Serve against a nice-0 baseline).
 Writes bench/results/serve_load.json. The load generator runs on the same machine (asyncio clients).
 """
 
