@@ -1,4 +1,5 @@
-"""The model deployment: one per served checkpoint, batching by images, hot checkpoint swaps.
+"""A served checkpoint (ModelCore): batching by images, hot checkpoint swaps. The first model runs inside the
+ingress replica (LocalModel, app.py); every other model and every canary is a GeneratorModel deployment.
 
 `user_config = {"checkpoint": URI}` names the weights (a local path or s3:// / gs:// / file:// URI,
 read through pyarrow). Serve calls `reconfigure()` on start and whenever the user_config changes;
