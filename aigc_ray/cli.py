@@ -178,7 +178,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     options = {"checkpoints": args.checkpoint, "max_num_images": args.max_num_images,
                "min_replicas": args.min_replicas, "max_replicas": args.max_replicas,
-               "replica_gpus": args.replica_gpus, "api_token_file": args.api_token_file or ""}
+               "replica_gpus": args.replica_gpus, "api_token_file": args.api_token_file or "",
+               "access_log": not args.no_access_log}
     return run_until_interrupted(options, host=args.host, http_port=args.http_port, grpc_port=args.grpc_port,
                                  address=args.address, insecure=args.insecure)
 
@@ -340,6 +341,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     p.add_argument("--api-token-file", help="file holding the bearer token clients must send (default: the "
                                             "AIGC_API_TOKEN environment variable; neither: no authentication)")
+    p.add_argument("--no-access-log", action="store_true",
+                   help="no access log line per request (Serve's proxies and replicas): less work per request")
     p.add_argument("--insecure", action="store_true",
                    help="allow a non-loopback --host without a token (anyone who reaches the ports can call)")
     p.set_defaults(func=cmd_serve)

@@ -6,7 +6,7 @@ One checkpoint (default: a freshly initialised dcgan-digits generator, 16x16, wi
 not change the cost), one model replica, requests of --images-per-request images:
   (a) in-process GeneratorPipeline.generate on batches of `concurrency` images (the ceiling: no Serve),
   (b) Serve HTTP with @serve.batch (max_batch_images 64), (c) Serve HTTP without batching (max 1),
-  (d) Serve gRPC with batching,
+  (d) Serve gRPC with batching, (e) Serve gRPC without batching,
   (p) the baseline: one plain uvicorn + FastAPI process with the model in it, the same JSON envelope
       (base64 PNGs with their tEXt chunks), no batching, no Ray;
 at each concurrency: images/s, p50/p99 latency (ms), errors; ratios (b)/(c) and (d)/(b) at the highest
@@ -15,6 +15,10 @@ HTTP >= 0.5x its requests/s at 8 and 64, p50 at concurrency 1 <= 3x).
 Then the swap check: load at concurrency 16 while the checkpoint is swapped to a second one; expects zero
 failed requests and responses switching version. --device cuda puts the model on the GPU in every mode
 (Serve: replica_gpus 1).
+--overload then sends open-loop load (a fixed arrival rate) at 0.5x and 4x the sustainable rate with the shipped
+queue bounds: admitted p99 at 4x against 0.5x (target <= 2x), how fast the rest are shed, how many hung.
+--niceness runs Ray's workers and the plain server at the same niceness (default 0, as `aigc-ray serve` does;
+Ray's own default for workers is 15, which on a busy machine starves Serve against a nice-0 baseline).
 Writes bench/results/serve_load.json. The load generator runs on the same machine (asyncio clients).
 """
 
@@ -83,18 +87,19 @@ async def run_plain(args, ckpt: str, results: dict) -> None:
     import httpx
 
     port = free_port()
-    proc = subprocess.Popen([sys.executable, __file__, "--plain-server", ckpt, str(port), "--device", args.device])
+    proc = subprocess.Popen([sys.executable, __file__, "--plain-server", ckpt, str(port), "--device", args.device],
+                            preexec_fn=lambda: os.nice(args.niceness))  # Ray's workers' niceness: a fair comparison
     limits = httpx.Limits(max_connections=256, max_keepalive_connections=256)
     try:
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=60, limits=limits) as client:
-            for _ in range(300):  # up within 30 s, or say so
+            for _ in range(1200):  # up within 120 s (a niced server starts slowly on a busy machine), or say so
                 try:
                     await client.post("/v1/generate", json={"num_images": 1})
                     break
                 except httpx.TransportError:
                     await asyncio.sleep(0.1)
             else:
-                raise RuntimeError("plain server did not start in 30 s")
+                raise RuntimeError("plain server did not start in 120 s")
             await load(http_sender(client), 4, 1.0, args.images_per_request)  # warm-up
             for c in args.concurrency:
                 results["p_plain_http"][str(c)] = r = await load(http_sender(client), c, args.duration,
@@ -201,23 +206,25 @@ async def run_serve_modes(args, ckpt_a: str, ckpt_b: str, results: dict) -> None
     from aigc_ray.serving.proto import aigc_pb2_grpc
 
     http_port, grpc_port = free_port(), free_port()
-    app.start(http_port=http_port, grpc_port=grpc_port, request_timeout_s=60)
+    quiet = {"access_log": False} if args.no_access_log else {}
+    app.start(http_port=http_port, grpc_port=grpc_port, request_timeout_s=60, **quiet)
     base = {"max_num_images": 64, "min_replicas": 1, "max_replicas": 1, "replica_cpus": 1, "request_timeout_s": 60,
             "replica_gpus": 1 if args.device == "cuda" else 0, "max_queued_requests": 4096,
-            "max_ongoing_requests": 256}  # throughput cells measure speed, not shedding
+            "max_ongoing_requests": 256, **quiet}  # throughput cells measure speed, not shedding
     limits = httpx.Limits(max_connections=256, max_keepalive_connections=256)
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{http_port}", timeout=60, limits=limits) as client, \
             grpc.aio.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
         stub = aigc_pb2_grpc.GeneratorStub(channel)
-        # (c) first, so (b), (d) and the swap share one batched deployment and the swap is a pure user_config change
-        for mode, batch, sender in [("c_http_unbatched", 1, http_sender(client)), ("b_http_batched", 64, http_sender(client)),
-                                    ("d_grpc_batched", 64, grpc_sender(stub))]:
-            if mode != "d_grpc_batched":  # (d) reuses (b)'s deployment
+        # unbatched first, so (b), (d) and the swap share one batched deployment and the swap is a pure
+        # user_config change; gRPC reuses the HTTP mode's deployment
+        for mode, batch, sender in [("c_http_unbatched", 1, http_sender(client)), ("e_grpc_unbatched", 1, grpc_sender(stub)),
+                                    ("b_http_batched", 64, http_sender(client)), ("d_grpc_batched", 64, grpc_sender(stub))]:
+            if "http" in mode:
                 await asyncio.to_thread(app.deploy, {**base, "checkpoints": [f"gen={ckpt_a}"], "max_batch_images": batch})
             await load(sender, 4, 1.0, args.images_per_request)  # warm-up
             for c in args.concurrency:
                 hops: list = []
-                if mode != "d_grpc_batched":
+                if "http" in mode:
                     sender = http_sender(client, hops)
                 results[mode][str(c)] = r = await load(sender, c, args.duration, args.images_per_request)
                 r["hops_ms"] = hop_breakdown(hops)
@@ -239,6 +246,73 @@ async def run_serve_modes(args, ckpt_a: str, ckpt_b: str, results: dict) -> None
                                       "ok": r["errors"] == 0 and len(set(versions)) == 2 and versions[-1] != versions[0]}
         print(f"swap under load (c=16): errors {r['errors']}, versions {results['swap_under_load']['versions_in_order']}, "
               f"flips {changes}, redeploy call {swap_s:.1f}s -> {'OK' if results['swap_under_load']['ok'] else 'FAILED'}")
+        if args.overload:
+            await run_overload(args, app, ckpt_b, client, stub, results)
+
+
+async def open_loop(send, rate: float, duration: float, timeout_s: float) -> dict:
+    """Requests at a fixed arrival rate whatever the answers (a closed loop would slow down with the server):
+    latency of the admitted (200 / OK), of the shed (503 / RESOURCE_EXHAUSTED), and how many hung (no answer
+    within timeout_s) or failed otherwise."""
+    admitted, shed, other = [], [], [0, 0]
+
+    async def one():
+        t = time.perf_counter()
+        try:
+            code = await asyncio.wait_for(send(), timeout_s)
+        except asyncio.TimeoutError:
+            other[0] += 1
+            return
+        if code in ("ok", "shed"):
+            (admitted if code == "ok" else shed).append(time.perf_counter() - t)
+        else:
+            other[1] += 1
+
+    tasks, start = [], time.perf_counter()
+    for i in range(int(rate * duration)):
+        await asyncio.sleep(max(0.0, start + i / rate - time.perf_counter()))
+        tasks.append(asyncio.create_task(one()))
+    await asyncio.gather(*tasks)
+    pct = lambda xs, q: round(1e3 * sorted(xs)[min(len(xs) - 1, int(q * len(xs)))], 1) if xs else None  # noqa: E731
+    return {"rate": round(rate, 1), "sent": len(tasks), "admitted": len(admitted), "shed": len(shed), "hung": other[0],
+            "failed": other[1], "admitted_p50_ms": pct(admitted, 0.5), "admitted_p99_ms": pct(admitted, 0.99),
+            "shed_p99_ms": pct(shed, 0.99)}
+
+
+async def run_overload(args, app, ckpt: str, client, stub, results: dict) -> None:
+    """The shipped bounds (ServeOptions' max_ongoing_requests / max_queued_requests), one replica, batching on:
+    open-loop load at 0.5x the sustainable rate (uncongested), then at 4x. Target: admitted p99 at 4x <= 2x the
+    uncongested p99; the rest shed fast; nothing hangs."""
+    import grpc
+
+    from aigc_ray.serving.proto import aigc_pb2
+
+    async def http_send():
+        r = await client.post("/v1/generate", json={"num_images": args.images_per_request})
+        return "ok" if r.status_code == 200 else "shed" if r.status_code == 503 else str(r.status_code)
+
+    async def grpc_send():
+        try:
+            await stub.Generate(aigc_pb2.GenerateRequest(num_images=args.images_per_request), timeout=60)
+            return "ok"
+        except grpc.aio.AioRpcError as err:
+            return "shed" if err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED else err.code().name
+
+    await asyncio.to_thread(app.deploy, {"checkpoints": [f"gen={ckpt}"], "min_replicas": 1, "max_replicas": 1,
+                                         **({"access_log": False} if args.no_access_log else {}),
+                                         "replica_cpus": 1, "replica_gpus": 1 if args.device == "cuda" else 0})
+    out = results["overload"] = {}
+    for proto, send, closed in (("http", http_send, "b_http_batched"), ("grpc", grpc_send, "d_grpc_batched")):
+        cells = results[closed]
+        sustainable = max(cells[c]["images_per_s"] for c in cells) / args.images_per_request
+        calm = await open_loop(send, 0.5 * sustainable, args.duration, 30)
+        hot = await open_loop(send, 4 * sustainable, args.duration, 30)
+        ratio = hot["admitted_p99_ms"] / calm["admitted_p99_ms"] if hot["admitted_p99_ms"] and calm["admitted_p99_ms"] else None
+        out[proto] = {"sustainable_rps": round(sustainable, 1), "at_0.5x": calm, "at_4x": hot,
+                      "admitted_p99_ratio": round(ratio, 2) if ratio else None,
+                      "ok": bool(ratio and ratio <= 2 and hot["hung"] == 0 and hot["failed"] == 0)}
+        print(f"overload {proto}: 0.5x {calm}\n           4x   {hot}\n           admitted p99 4x / 0.5x = "
+              f"{out[proto]['admitted_p99_ratio']} (target <= 2) -> {'OK' if out[proto]['ok'] else 'MISSED'}", flush=True)
 
 
 def main() -> int:
@@ -254,6 +328,16 @@ def main() -> int:
                                                               "64 makes the model's own work count)")
     p.add_argument("--channels", type=int, default=1, choices=(1, 3), help="channels of the default fresh checkpoints")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where the model runs, in every mode")
+    p.add_argument("--niceness", type=int, default=0,
+                   help="niceness of Ray's worker processes (Serve's proxy and replicas; Ray's own default is 15, "
+                        "`aigc-ray serve` uses 0) and of the plain server alike; the load generator keeps this "
+                        "process's")
+    p.add_argument("--overload", action="store_true", help="then open-loop load at 0.5x and 4x the sustainable "
+                   "rate with the shipped queue bounds (admitted p99, shed latency, hangs)")
+    p.add_argument("--no-access-log", action="store_true", help="Serve without its access log line per request "
+                   "(the plain server writes none)")
+    p.add_argument("--serve-env", action="append", default=[], metavar="KEY=VALUE",
+                   help="an environment variable for Ray's processes (proxy, replicas), e.g. RAY_SERVE_... knobs")
     p.add_argument("--plain-server", nargs=2, metavar=("CHECKPOINT", "PORT"), help=argparse.SUPPRESS)
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "serve_load.json"))
     args = p.parse_args()
@@ -269,7 +353,7 @@ def main() -> int:
     ckpt_b = args.checkpoint_b or make_checkpoint(tmp / "b" / "checkpoint_b", 2, args.image_size, args.channels)
     results: dict = {"config": {**vars(args), "machine": f"{os.cpu_count()}-core CPU (shared with other jobs)"},
                      "a_inprocess": {}, "b_http_batched": {}, "c_http_unbatched": {}, "d_grpc_batched": {},
-                     "p_plain_http": {}}
+                     "e_grpc_unbatched": {}, "p_plain_http": {}}
     import torch
 
     torch.set_num_threads(1)  # like one Serve replica with num_cpus=1
@@ -278,6 +362,8 @@ def main() -> int:
         print(f"{'a_inprocess':18s} c={c:<3d} {r['images_per_s']:8.1f} img/s  p50 {r['p50_ms']:8.1f} ms  "
               f"p99 {r['p99_ms']:8.1f} ms", flush=True)
     asyncio.run(run_plain(args, ckpt_a, results))
+    os.environ.update(dict(kv.split("=", 1) for kv in args.serve_env))
+    os.environ["RAY_worker_niceness"] = str(args.niceness)  # each worker nice()s itself by this (core_worker.cc)
     ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
     try:
         asyncio.run(run_serve_modes(args, ckpt_a, ckpt_b, results))
@@ -291,15 +377,18 @@ def main() -> int:
 
     results["ratios_at_max_concurrency"] = {"b_over_c_batching_gain": ratio("b_http_batched", "c_http_unbatched"),
                                             "b_over_a_serve_vs_ceiling": ratio("b_http_batched", "a_inprocess"),
-                                            "d_over_b_grpc_vs_http": ratio("d_grpc_batched", "b_http_batched")}
+                                            "d_over_b_grpc_vs_http": ratio("d_grpc_batched", "b_http_batched"),
+                                            "e_over_c_grpc_vs_http_unbatched": ratio("e_grpc_unbatched", "c_http_unbatched")}
     print("ratios at c=" + top + ":", json.dumps(results["ratios_at_max_concurrency"]))
     plain = results["p_plain_http"]
     results["serve_vs_plain"] = {c: {mode: {"rps_ratio": round(results[mode][c]["images_per_s"] /
                                                               max(plain[c]["images_per_s"], 1e-9), 2),
                                             "p50_ratio": round(results[mode][c]["p50_ms"] / max(plain[c]["p50_ms"], 1e-9), 2)}
-                                     for mode in ("b_http_batched", "c_http_unbatched", "d_grpc_batched")}
+                                     for mode in ("b_http_batched", "c_http_unbatched", "d_grpc_batched", "e_grpc_unbatched")}
                                  for c in plain}
-    print("Serve / plain server (requests/s ratio, p50 ratio):", json.dumps(results["serve_vs_plain"]))
+    print("Serve / plain server, requests/s ratio (p50 ratio):")
+    for c, modes in results["serve_vs_plain"].items():
+        print(f"  c={c:<3s} " + "  ".join(f"{m}: {v['rps_ratio']:.2f}x ({v['p50_ratio']:.2f}x)" for m, v in modes.items()))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2))
     print(args.out)

@@ -1,4 +1,5 @@
-"""The Serve application: a thin FastAPI + gRPC ingress in front of one model deployment per checkpoint.
+"""The Serve application: one deployment `model-NAME` per checkpoint; the first one is also the FastAPI + gRPC
+ingress and answers its own model in process (no second hop), the others are reached through handles.
 
     build_app({"checkpoints": [...], ...})   -> Application (also the `serve deploy` import path)
     run(options, host, http_port, grpc_port) -> start Serve and deploy it (used by `aigc-ray serve`)
@@ -36,13 +37,14 @@ from aigc_ray.serving.auth import OPEN_PATHS, bearer_ok
 from aigc_ray.serving.canary import CanaryRouter
 from aigc_ray.serving.canary import deployment_name as canary_deployment
 from aigc_ray.serving.grpc_methods import GrpcMethods, Overloaded, Unavailable, field_errors
-from aigc_ray.serving.model import BadRequest, GeneratorModel
+from aigc_ray.serving.model import BadRequest, GeneratorModel, LocalModel, ModelCore
 from aigc_ray.serving.options import GenerateBody, ImagesOut, InterpolateBody, ReconstructBody, ServeOptions, deployed_openapi
 
 GRPC_SERVICERS = ["aigc_ray.serving.proto.aigc_pb2_grpc.add_GeneratorServicer_to_server",
                   "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server"]
 APP_NAME = "aigc"
 RETRY_AFTER_S = 1
+HEADROOM = 16  # requests beyond the model's bound the ingress replica still takes: health, /v1/models, sheds
 logger = logging.getLogger("ray.serve")
 
 
@@ -71,24 +73,51 @@ def _reject(reason: str, status: int, message: str, headers: dict | None = None)
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
-@app.middleware("http")
-async def _guard(request: Request, call_next):
-    live = _live()
-    if request.url.path not in OPEN_PATHS and not bearer_ok(live.get("token", ""), request.headers.get("authorization")):
-        return _reject("unauthorized", 401, "authorization: missing or wrong bearer token",
-                       {"WWW-Authenticate": "Bearer"})
-    limit = live.get("max_body_bytes", ServeOptions.max_body_bytes)
-    length = request.headers.get("content-length")
-    if length is not None and (not length.isdigit() or int(length) > limit):
-        return _reject("too_large", 413, f"body: larger than the {limit}-byte limit")
-    if length is None and request.method == "POST":  # chunked: count what arrives
-        body = b""
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > limit:
-                return _reject("too_large", 413, f"body: larger than the {limit}-byte limit")
-        request._body = body
-    return await call_next(request)
+class Guard:
+    """Bearer token and body limit before anything else runs: 401 / 413. A plain ASGI middleware: Starlette's
+    @app.middleware("http") (BaseHTTPMiddleware) costs about a millisecond of CPU per request."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        live, headers = _live(), dict(scope["headers"])
+        auth = headers.get(b"authorization")
+        if scope["path"] not in OPEN_PATHS and not bearer_ok(live.get("token", ""), auth and auth.decode("latin-1")):
+            return await _reject("unauthorized", 401, "authorization: missing or wrong bearer token",
+                                 {"WWW-Authenticate": "Bearer"})(scope, receive, send)
+        limit = live.get("max_body_bytes", ServeOptions.max_body_bytes)
+
+        def too_large() -> JSONResponse:
+            return _reject("too_large", 413, f"body: larger than the {limit}-byte limit")
+        length = headers.get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > limit):
+            return await too_large()(scope, receive, send)
+        if length is None and scope["method"] == "POST":  # chunked: count what arrives, then replay it
+            body, more = b"", True
+            while more:
+                message = await receive()
+                if message["type"] != "http.request":
+                    return await self.app(scope, receive, send)  # the client went away
+                body += message.get("body", b"")
+                more = message.get("more_body", False)
+                if len(body) > limit:
+                    return await too_large()(scope, receive, send)
+            replayed = False
+
+            async def receive_body():
+                nonlocal replayed
+                if replayed:
+                    return await receive()
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await self.app(scope, receive_body, send)
+        return await self.app(scope, receive, send)
+
+
+app.add_middleware(Guard)
 
 
 @app.exception_handler(RequestValidationError)
@@ -136,10 +165,13 @@ def _grid(result: dict) -> bytes:
     return grid_png(images, nrow=max(1, round(len(images) ** 0.5)), text=text)
 
 
-@serve.deployment(max_ongoing_requests=512, ray_actor_options={"num_cpus": 0})  # thin async proxy: no CPU reserved
+@serve.deployment(max_ongoing_requests=512, ray_actor_options={"num_cpus": 0})
 @serve.ingress(app)
 class Ingress(GrpcMethods):
-    def __init__(self, models: dict[str, DeploymentHandle], options: dict, canaries: dict | None = None):
+    def __init__(self, models: dict[str, DeploymentHandle | None], options: dict, canaries: dict | None = None,
+                 local: dict | None = None):
+        # `models`: a handle per model deployment; None for the model this replica runs itself (`local`: its
+        # ModelCore arguments; Serve calls reconfigure() with its checkpoint).
         # `canaries` (candidate deployments) is bound only to make them part of the app; the router finds them by
         # name, so an ingress replica started before a canary (its version ignores canaries) routes to it too
         from ray.serve.metrics import Counter
@@ -147,7 +179,12 @@ class Ingress(GrpcMethods):
         from aigc_ray.serving import options as live
         from aigc_ray.serving.auth import resolve_token
 
-        self.models, self.options = models, ServeOptions(**options)
+        self.models, self.options = dict(models), ServeOptions(**options)
+        self.local = None
+        if local is not None:
+            self.local = LocalModel(ModelCore(**local), self.options.max_ongoing_requests +
+                                    self.options.max_queued_requests)
+            self.models[local["name"]] = self.local
         self.default = next(iter(models))
         self.rejected = Counter("aigc_requests_rejected", description="Requests refused before reaching a model "
                                 "(reason: overloaded, unauthorized, too_large).", tag_keys=("reason",))
@@ -155,6 +192,19 @@ class Ingress(GrpcMethods):
         live.RUNTIME.update(token=self.token, max_body_bytes=self.options.max_body_bytes, rejected=self.rejected)
         self._infos_cache: tuple[float, list[dict]] = (0.0, [])
         self.canaries = CanaryRouter(serve.get_replica_context().app_name, list(models))
+
+    # ---- the in-process model: Serve's calls (user_config, health) and promote's info() -----------
+
+    def reconfigure(self, user_config: dict) -> None:
+        if self.local is not None:
+            self.local.core.reconfigure(user_config)
+
+    def check_health(self) -> None:
+        if self.local is not None:
+            self.local.core.check_health()
+
+    def info(self) -> dict:
+        return self.local.core.info() if self.local is not None else {}
 
     # ---- shared core (HTTP and gRPC) -------------------------------------------------------
 
@@ -202,12 +252,13 @@ class Ingress(GrpcMethods):
         self.canaries.count(name, role, result.get("model_version"), True, started)
         return result
 
-    async def _call_once(self, handle: DeploymentHandle, method: str, *args) -> dict:
+    async def _call_once(self, handle: "DeploymentHandle | LocalModel", method: str, *args) -> dict:
         try:
-            return await asyncio.wait_for(getattr(handle, method).remote(*args), self.options.request_timeout_s)
+            call = handle.call(method, *args) if isinstance(handle, LocalModel) else getattr(handle, method).remote(*args)
+            return await asyncio.wait_for(call, self.options.request_timeout_s)
         except BadRequest as err:
             raise BadRequest(_cause(err)) from None
-        except BackPressureError:
+        except (BackPressureError, LocalModel.Full):
             self.rejected.inc(tags={"reason": "overloaded"})
             raise Overloaded("model: overloaded, its queue is full; retry later") from None
         except (RayActorError, DeploymentUnavailableError) as err:
@@ -241,7 +292,8 @@ class Ingress(GrpcMethods):
     async def _infos(self, max_age_s: float = 0.0) -> list[dict]:
         at, infos = self._infos_cache
         if not infos or time.monotonic() - at > max_age_s:
-            infos = list(await asyncio.gather(*(h.info.remote() for h in self.models.values())))
+            infos = list(await asyncio.gather(*(h.call("info") if isinstance(h, LocalModel) else h.info.remote()
+                                                for h in self.models.values())))
             self._infos_cache = (time.monotonic(), infos)
         return infos
 
@@ -353,37 +405,49 @@ def build_app(args: dict) -> serve.Application:
     """Application builder (`serve deploy` import path aigc_ray.serving.app:build_app); args are ServeOptions
     fields, e.g. {"checkpoints": ["runs/x/checkpoint_y"], "max_num_images": 64}."""
     options = ServeOptions(**args)
-    models, canaries = {}, {}
     served = options.models()
-    for name, uri, role in [*((n, u, "current") for n, u in served.items()),
-                            *((n, u, "canary") for n, u in options.canaries.items())]:
-        init = {"name": name, "max_batch_images": options.max_batch_images,
+    first = next(iter(served))
+    models: dict[str, Any] = {first: None}  # the first model runs inside the ingress replica
+    canaries = {}
+    replicas = {"ray_actor_options": {"num_cpus": options.replica_cpus, "num_gpus": options.replica_gpus},
+                "logging_config": {"enable_access_log": options.access_log},
+                "autoscaling_config": {"min_replicas": options.min_replicas, "max_replicas": options.max_replicas,
+                                       "initial_replicas": max(1, options.min_replicas),
+                                       "target_ongoing_requests": options.target_ongoing_requests,
+                                       "upscale_delay_s": 5, "downscale_delay_s": 60}}
+    resources = (options.replica_cpus, options.replica_gpus, options.max_ongoing_requests, options.max_queued_requests)
+
+    def init(name: str, role: str = "current") -> dict:
+        return {"name": name, "max_batch_images": options.max_batch_images,
                 "batch_wait_timeout_s": options.batch_wait_timeout_s, **({"role": role} if role == "canary" else {})}
+
+    for name, uri, role in [*((n, u, "current") for n, u in served.items() if n != first),
+                            *((n, u, "canary") for n, u in options.canaries.items())]:
         (models if role == "current" else canaries)[name] = GeneratorModel.options(
             name=f"model-{name}" if role == "current" else canary_deployment(name), user_config={"checkpoint": uri},
-            ray_actor_options={"num_cpus": options.replica_cpus, "num_gpus": options.replica_gpus},
             max_ongoing_requests=options.max_ongoing_requests, max_queued_requests=options.max_queued_requests,
-            autoscaling_config={"min_replicas": options.min_replicas, "max_replicas": options.max_replicas,
-                                "initial_replicas": max(1, options.min_replicas),
-                                "target_ongoing_requests": options.target_ongoing_requests,
-                                "upscale_delay_s": 5, "downscale_delay_s": 60},
-            version=_version("model", init, options.replica_cpus, options.replica_gpus, options.max_ongoing_requests,
-                             options.max_queued_requests), _internal=True,
-        ).bind(**init)
-    # The ingress needs no checkpoint URIs: keeping them out of its args and version means a checkpoint change
-    # only reconfigures the model deployments; the ingress replica keeps running (no dropped requests).
-    plain = {**dataclasses.asdict(options), "checkpoints": list(models), "canaries": {}}
-    return Ingress.options(ray_actor_options={"num_cpus": 0}, version=_version("ingress", sorted(models), plain),
-                           _internal=True).bind(models, plain, canaries)
+            version=_version("model", init(name, role), *resources), _internal=True, **replicas,
+        ).bind(**init(name, role))
+    # No checkpoint URI in the ingress's args or version: a checkpoint change only reconfigures replicas in place
+    # (user_config), nothing restarts and no request is dropped. The ingress replica bounds its own model's queue
+    # (LocalModel) and answers 503 itself; Serve's bound at the proxy stays as a second line.
+    plain = {**dataclasses.asdict(options), "checkpoints": list(served), "canaries": {}}
+    bound = options.max_ongoing_requests + options.max_queued_requests + HEADROOM
+    return Ingress.options(name=f"model-{first}", user_config={"checkpoint": served[first]},
+                           max_ongoing_requests=bound, max_queued_requests=bound,
+                           version=_version("ingress", init(first), resources, plain), _internal=True, **replicas,
+                           ).bind(models, plain, canaries, init(first))
 
 
-def start(host: str = "127.0.0.1", http_port: int = 8000, grpc_port: int = 9000, request_timeout_s: float = 30.0) -> None:
+def start(host: str = "127.0.0.1", http_port: int = 8000, grpc_port: int = 9000, request_timeout_s: float = 30.0,
+          access_log: bool = True) -> None:
     """Start Serve's HTTP and gRPC proxies (on the connected / a new local Ray)."""
     from ray.serve.config import HTTPOptions, gRPCOptions
 
     serve.start(http_options=HTTPOptions(host=host, port=http_port, request_timeout_s=request_timeout_s + 5),
                 grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=GRPC_SERVICERS,
-                                         request_timeout_s=request_timeout_s + 5))
+                                         request_timeout_s=request_timeout_s + 5),
+                logging_config={"enable_access_log": access_log})
 
 
 def deploy(args: dict, blocking: bool = False, name: str = APP_NAME) -> DeploymentHandle:
@@ -425,11 +489,13 @@ def run_until_interrupted(args: dict, host: str = "127.0.0.1", http_port: int = 
     token = check_exposure(options, host, insecure)
     # Serve's gRPC proxy reads its message cap from the environment it starts in (a local Ray inherits ours)
     os.environ.setdefault("RAY_SERVE_GRPC_MAX_MESSAGE_SIZE", str(options.max_body_bytes + 64 * 1024))
+    if not (address or os.environ.get("RAY_ADDRESS")):  # our own Ray: its workers are the server, not background
+        os.environ.setdefault("RAY_worker_niceness", "0")  # work (Ray nices every worker by 15 by default)
     ray.init(address=address or os.environ.get("RAY_ADDRESS"), ignore_reinit_error=True)
     # after ray.init, which installs a SIGTERM handler of its own that aborts the process (exit 134)
     signal.signal(signal.SIGTERM, _stop)  # `kill`, container stop: same clean shutdown as Ctrl-C
     try:
-        start(host, http_port, grpc_port, options.request_timeout_s)
+        start(host, http_port, grpc_port, options.request_timeout_s, options.access_log)
         deploy(dataclasses.asdict(options))
         print(f"serving {', '.join(options.models())}: http://{host}:{http_port}/docs  grpc {host}:{grpc_port} "
               f"{'(bearer token required) ' if token else ''}(Ctrl-C to stop)", flush=True)

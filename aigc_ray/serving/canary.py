@@ -2,7 +2,8 @@
 
 The candidate runs in a deployment of its own, `model-NAME-canary` (app.build_app makes one per entry of
 ServeOptions.canaries), so a candidate that crashes or fails to load never takes the current version down.
-The ingress picks the version per request, so the normal path keeps its one hop (ingress -> model replica).
+The ingress picks the version per request, so the normal path is unchanged (the first model answers in the
+ingress replica, the others one hop away).
 The pick is a credit counter, not a coin: every ingress replica sends exactly `percent` of its requests to the
 candidate (to within one request), so a short run already shows the configured share.
 

@@ -1,4 +1,5 @@
-"""The model deployment: one per served checkpoint, batching by images, hot checkpoint swaps.
+"""A served checkpoint (ModelCore): batching by images, hot checkpoint swaps. The first model runs inside the
+ingress replica (LocalModel, app.py); every other model and every canary is a GeneratorModel deployment.
 
 `user_config = {"checkpoint": URI}` names the weights (a local path or s3:// / gs:// / file:// URI,
 read through pyarrow). Serve calls `reconfigure()` on start and whenever the user_config changes;
@@ -54,8 +55,10 @@ class BadRequest(ValueError):
     """A request this model cannot serve; the message names the field (-> 4xx / INVALID_ARGUMENT)."""
 
 
-@serve.deployment(max_ongoing_requests=256, ray_actor_options={"num_cpus": 1})
-class GeneratorModel:
+class ModelCore:
+    """One served checkpoint: loading, swaps, batching. Runs as its own deployment (GeneratorModel: the
+    app's other models and canaries) or inside the ingress replica (the default model, no extra hop)."""
+
     def __init__(self, name: str, max_batch_images: int = 64, batch_wait_timeout_s: float = 0.005,
                  role: str = "current"):
         self.name, self.role = name, role  # role "canary": a candidate beside the current version (canary.py)
@@ -290,3 +293,28 @@ def _as_tensor(data: bytes):
     import torch
 
     return torch.frombuffer(bytearray(data), dtype=torch.uint8)
+
+
+GeneratorModel = serve.deployment(max_ongoing_requests=256, ray_actor_options={"num_cpus": 1})(ModelCore)
+
+
+class LocalModel:
+    """The default model inside the ingress replica, called where a handle would be. Its queue is bounded as
+    Serve bounds a deployment's (max_ongoing_requests + max_queued_requests): beyond, Full (-> 503)."""
+
+    class Full(Exception):
+        pass
+
+    def __init__(self, core: ModelCore, limit: int):
+        self.core, self.limit, self.in_flight = core, limit, 0
+
+    async def call(self, method: str, *args) -> Any:
+        if method == "info":
+            return self.core.info()
+        if self.in_flight >= self.limit:
+            raise LocalModel.Full
+        self.in_flight += 1
+        try:
+            return await getattr(self.core, method)(*args)
+        finally:
+            self.in_flight -= 1

@@ -44,8 +44,9 @@ class ServeOptions:
     max_ongoing_requests: int = 32
     """Requests one model replica works on at once (what @serve.batch can pack); more wait in the queue."""
     max_queued_requests: int = 64
-    """Requests waiting per model beyond the replicas' max_ongoing_requests (at each caller); more get
-    503 + Retry-After / RESOURCE_EXHAUSTED at once instead of a growing queue."""
+    """Requests waiting per model beyond max_ongoing_requests (per replica of the first model, which runs in the
+    ingress; at each caller for the others); more get 503 + Retry-After / RESOURCE_EXHAUSTED at once instead of
+    a growing queue."""
     replica_cpus: float = 1.0
     """CPUs reserved per model replica (its torch thread budget)."""
     replica_gpus: float = 0.0
@@ -57,6 +58,9 @@ class ServeOptions:
     api_token_file: str = ""
     """A file holding the bearer token (e.g. a mounted Kubernetes Secret); read by each ingress replica,
     which fails to start if it is missing or empty (never silently open)."""
+    access_log: bool = True
+    """Serve's access log line per request (replicas; the proxies follow `app.start`'s). Off saves a log write
+    per request and hop (bench/serve_load.py measures both)."""
     canaries: dict = dataclasses.field(default_factory=dict)
     """{NAME: PATH_OR_URI}: a candidate served beside model NAME in its own deployment (model-NAME-canary).
     Written by `aigc-ray promote --canary`, which also sets the candidate's share of the traffic (kept in Ray's
@@ -75,6 +79,8 @@ class ServeOptions:
             raise ValueError(f"min_replicas ({self.min_replicas}) > max_replicas ({self.max_replicas})")
         if self.replica_gpus < 0:
             raise ValueError(f"replica_gpus: must be >= 0, got {self.replica_gpus!r}")
+        if not isinstance(self.access_log, bool):
+            raise ValueError(f"access_log: must be true or false, got {self.access_log!r}")
         if not isinstance(self.canaries, dict) or not all(isinstance(v, str) and v for v in self.canaries.values()):
             raise ValueError("canaries: a mapping of served model NAME to a checkpoint path or URI")
         unknown = set(self.canaries) - set(self.models())
