@@ -70,7 +70,10 @@ class FeatureNet(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Standardised penultimate features: what FID, KID and precision/recall see."""
-        return (self.trunk(self.prep(images)) - self.feat_mean) / self.feat_std
+        return self._features(self.trunk(self.prep(images)))
+
+    def _features(self, trunk_out: torch.Tensor) -> torch.Tensor:
+        return (trunk_out - self.feat_mean) / self.feat_std
 
     def logits(self, images: torch.Tensor) -> torch.Tensor:
         if self.kind != "classifier":
@@ -84,8 +87,7 @@ class FeatureNet(nn.Module):
         """forward() and logits() (None for an autoencoder) from one pass through the trunk: an
         evaluation needs both for every generated image."""
         trunk_out = self.trunk(self.prep(images))
-        features = (trunk_out - self.feat_mean) / self.feat_std
-        return features, self._logits(trunk_out) if self.kind == "classifier" else None
+        return self._features(trunk_out), self._logits(trunk_out) if self.kind == "classifier" else None
 
     def reconstruct(self, images: torch.Tensor) -> torch.Tensor:
         out = torch.tanh(self.head(self.trunk(self.prep(images))))
