@@ -11,9 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from torchvision.io import encode_png
-from torchvision.utils import make_grid
 
+from aigc_ray.images import encode_png, make_grid
 from aigc_ray.latents import seed_labels, seed_latents
 from aigc_ray.models import get_family
 from aigc_ray.models.checkpoint import load_generator, model_version
@@ -118,23 +117,4 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
 def grid_png(images: torch.Tensor, nrow: int = 8, text: dict[str, str] | None = None) -> bytes:
     """uint8 (N, C, S, S) -> PNG bytes of one grid (2-pixel padding)."""
     grid = make_grid(images, nrow=nrow, padding=2, pad_value=0)
-    return png_bytes(grid, text)
-
-
-def png_bytes(image: torch.Tensor, text: dict[str, str] | None = None) -> bytes:
-    """uint8 (C, H, W) -> PNG bytes, with optional tEXt metadata chunks."""
-    data = encode_png(image.contiguous(), compression_level=6).numpy().tobytes()
-    return add_png_text(data, text) if text else data
-
-
-def add_png_text(png: bytes, text: dict[str, str]) -> bytes:
-    """Insert tEXt chunks after IHDR (torchvision's encoder writes none)."""
-    import struct
-    import zlib
-
-    chunks = b""
-    for key, value in text.items():
-        body = key.encode("latin-1") + b"\0" + value.encode("latin-1", "replace")
-        chunks += struct.pack(">I", len(body)) + b"tEXt" + body + struct.pack(">I", zlib.crc32(b"tEXt" + body))
-    ihdr_end = 8 + 8 + 13 + 4  # signature + (length, type) + IHDR body + crc
-    return png[:ihdr_end] + chunks + png[ihdr_end:]
+    return encode_png(grid, text)

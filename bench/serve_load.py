@@ -59,7 +59,8 @@ def plain_server(checkpoint: str, port: int, device: str) -> None:
     from fastapi import FastAPI
     from pydantic import BaseModel
 
-    from aigc_ray.pipeline import GeneratorPipeline, png_bytes
+    from aigc_ray.images import encode_png
+    from aigc_ray.pipeline import GeneratorPipeline
     from aigc_ray.serving.model import png_text
 
     torch.set_num_threads(1)
@@ -75,7 +76,7 @@ def plain_server(checkpoint: str, port: int, device: str) -> None:
         seeds = [body.seed + i for i in range(body.num_images)]
         images = pipe.generate(seeds)
         return {"model": "gen", "model_version": pipe.version, "seeds": seeds,
-                "images": [base64.b64encode(png_bytes(img, png_text(pipe.version, s))).decode()
+                "images": [base64.b64encode(encode_png(img, png_text(pipe.version, s))).decode()
                            for img, s in zip(images, seeds)]}
 
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)

@@ -16,9 +16,9 @@ from aigc_ray.data.prepare import read_manifest
 from aigc_ray.eval import evaluate_checkpoint
 from aigc_ray.eval.featnet import load_or_train
 from aigc_ray.eval.quality import _pick, domain_metrics
+from aigc_ray.images import encode_png
 from aigc_ray.models import build_generator
 from aigc_ray.models.checkpoint import read_card, save_checkpoint
-from aigc_ray.pipeline import png_bytes
 
 
 def _prepared(tmp_path, data_root, dataset="digits"):
@@ -73,7 +73,7 @@ def test_unlabelled_dataset_falls_back_to_autoencoder_features(tmp_path, data_ro
     folder = tmp_path / "plain"  # images at the top level: no sub-folders, so no labels
     folder.mkdir()
     for i, image in enumerate(images):
-        (folder / f"{i:04d}.png").write_bytes(png_bytes(image))
+        (folder / f"{i:04d}.png").write_bytes(encode_png(image))
     cfg = tiny_config(tmp_path).with_overrides({"data.data_root": str(tmp_path / "data"),
                                                 "data.dataset": f"folder:{folder}"})
     prepared = ensure_prepared(cfg.data, cfg.train.seed)

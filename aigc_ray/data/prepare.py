@@ -26,12 +26,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from PIL import Image
-from torchvision.io import encode_png
-from torchvision.transforms.v2 import functional as TF
 from tqdm.auto import tqdm
 
 from aigc_ray import storage
 from aigc_ray.data.sources import Source, open_source
+from aigc_ray.images import encode_png
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "aigc-ray-prepared/1"
@@ -116,6 +115,8 @@ def _uint8_array(img: Image.Image) -> np.ndarray:
 
 def convert(image: torch.Tensor, image_size: int, channels: int) -> torch.Tensor:
     """uint8 (C, H, W) of any size/channels -> uint8 (channels, image_size, image_size)."""
+    from torchvision.transforms.v2 import functional as TF  # here, not at import: see aigc_ray.images
+
     if image.shape[0] in (2, 4):  # drop alpha
         image = image[:-1]
     if channels == 1 and image.shape[0] == 3:
@@ -218,7 +219,7 @@ def _write_shards(source: Source, tmp: Path, image_size: int, channels: int, qui
             dropped["duplicate"] += 1
             continue
         try:
-            png = encode_png(convert(image, image_size, channels), compression_level=6).numpy().tobytes()
+            png = encode_png(convert(image, image_size, channels))
         except (RuntimeError, ValueError) as err:  # a shape or dtype convert() can't handle
             dropped["unconvertible"] = dropped.get("unconvertible", 0) + 1
             if not quiet:

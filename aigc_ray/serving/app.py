@@ -155,12 +155,12 @@ def _cause(err: BaseException) -> str:
 
 def _grid(result: dict) -> bytes:
     import torch
-    from torchvision.io import decode_png
 
+    from aigc_ray.images import decode_png
     from aigc_ray.pipeline import grid_png
     from aigc_ray.serving.model import png_text
 
-    images = torch.stack([decode_png(torch.frombuffer(bytearray(p), dtype=torch.uint8)) for p in result["images"]])
+    images = torch.stack([decode_png(p) for p in result["images"]])
     text = png_text(result["model_version"], result["seeds"][0])
     return grid_png(images, nrow=max(1, round(len(images) ** 0.5)), text=text)
 

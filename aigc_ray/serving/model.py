@@ -27,8 +27,9 @@ from ray import serve
 from ray.serve.metrics import Counter, Gauge, Histogram
 
 from aigc_ray import storage
+from aigc_ray.images import decode_png, encode_png
 from aigc_ray.models.checkpoint import read_card
-from aigc_ray.pipeline import GeneratorPipeline, PipelineError, png_bytes
+from aigc_ray.pipeline import GeneratorPipeline, PipelineError
 from aigc_ray.serving import lkg
 from aigc_ray.serving.png import BadImage, check_png
 
@@ -223,10 +224,8 @@ class ModelCore:
         """Like generate, but the images as one uint8 (N, C, H, W) array in .npy bytes."""
         import io
 
-        from torchvision.io import decode_png
-
         result = await self.generate(seeds, labels)
-        arr = np.stack([decode_png(_as_tensor(p)).numpy() for p in result.pop("images")])
+        arr = np.stack([decode_png(p).numpy() for p in result.pop("images")])
         buf = io.BytesIO()
         np.save(buf, arr)
         return {**result, "npy": buf.getvalue()}
@@ -240,7 +239,7 @@ class ModelCore:
         text = png_text(pipe.version, None, label)
         text["Interpolation"] = f"seed {seed_a} -> seed {seed_b}, {steps} steps"
         return {"model": self.name, "model_version": pipe.version, "seeds": [seed_a, seed_b],
-                "images": [png_bytes(img, text) for img in images]}
+                "images": [encode_png(img, text) for img in images]}
 
     async def reconstruct(self, pngs: list[bytes]) -> dict[str, Any]:
         pipe = self.pipe
@@ -257,7 +256,7 @@ class ModelCore:
         except PipelineError as err:
             raise BadRequest(f"images: {err}") from None
         return {"model": self.name, "model_version": pipe.version, "seeds": [],
-                "images": [png_bytes(img, png_text(pipe.version)) for img in out]}
+                "images": [encode_png(img, png_text(pipe.version)) for img in out]}
 
 
 def _forward_and_encode(pipe: GeneratorPipeline, items: list[dict], seeds: list[int], labels: list[int] | None):
@@ -267,7 +266,7 @@ def _forward_and_encode(pipe: GeneratorPipeline, items: list[dict], seeds: list[
     encoded = time.perf_counter()
     pngs, i = [], 0
     for it in items:
-        pngs.append([png_bytes(images[i + j], png_text(pipe.version, s, None if it["labels"] is None else it["labels"][j]))
+        pngs.append([encode_png(images[i + j], png_text(pipe.version, s, None if it["labels"] is None else it["labels"][j]))
                      for j, s in enumerate(it["seeds"])])
         i += len(it["seeds"])
     timing = {"forward": (encoded - started) * 1e3, "png": (time.perf_counter() - encoded) * 1e3}
@@ -275,24 +274,16 @@ def _forward_and_encode(pipe: GeneratorPipeline, items: list[dict], seeds: list[
 
 
 def _decode_pngs(pngs: list[bytes], channels: int):
-    """Decode header-checked PNGs; libpng never writes past the declared (checked) size."""
+    """Decode header-checked PNGs: the decoder's buffer is the declared (checked) size, no larger."""
     import torch
-    from torchvision.io import ImageReadMode, decode_png
 
-    mode = ImageReadMode.GRAY if channels == 1 else ImageReadMode.RGB
     decoded = []
     for i, data in enumerate(pngs):
         try:
-            decoded.append(decode_png(_as_tensor(data), mode=mode))
-        except Exception as err:  # a corrupt stream after a good header
-            raise BadRequest(f"images[{i}]: not a decodable PNG ({type(err).__name__})") from None
+            decoded.append(decode_png(data, channels))
+        except ValueError as err:  # a corrupt stream after a good header
+            raise BadRequest(f"images[{i}]: {err}") from None
     return torch.stack(decoded)
-
-
-def _as_tensor(data: bytes):
-    import torch
-
-    return torch.frombuffer(bytearray(data), dtype=torch.uint8)
 
 
 GeneratorModel = serve.deployment(max_ongoing_requests=256, ray_actor_options={"num_cpus": 1})(ModelCore)
