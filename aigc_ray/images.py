@@ -20,7 +20,7 @@ from PIL import Image, PngImagePlugin
 _MODES = {1: "L", 3: "RGB"}
 
 
-def encode_png(image: torch.Tensor, text: dict[str, str] | None = None, compress_level: int = 6) -> bytes:
+def encode_png(image: torch.Tensor, text: dict[str, str] | None = None) -> bytes:
     """uint8 (C, H, W), C = 1 or 3 -> PNG bytes (8-bit grey or RGB), with optional tEXt chunks."""
     if image.dtype != torch.uint8 or image.dim() != 3 or image.shape[0] not in _MODES:
         raise ValueError(f"expected a uint8 (C, H, W) image with C in (1, 3), got {image.dtype} {tuple(image.shape)}")
@@ -32,8 +32,7 @@ def encode_png(image: torch.Tensor, text: dict[str, str] | None = None, compress
         for key, value in text.items():
             info.add_text(key, value)  # a tEXt chunk (latin-1), as the PNG spec's keywords are
     buffer = io.BytesIO()
-    Image.fromarray(pixels, _MODES[image.shape[0]]).save(buffer, format="PNG", pnginfo=info,
-                                                         compress_level=compress_level)
+    Image.fromarray(pixels, _MODES[image.shape[0]]).save(buffer, format="PNG", pnginfo=info, compress_level=6)
     return buffer.getvalue()
 
 
@@ -45,7 +44,8 @@ def decode_png(data: bytes, channels: int | None = None) -> torch.Tensor:
             if channels is not None:
                 img = img.convert(_MODES[channels])
             elif img.mode not in ("L", "LA", "RGB", "RGBA"):
-                img = img.convert("RGBA" if "A" in img.mode or img.mode == "P" else "RGB")
+                # a palette PNG has an alpha channel only if it declares a transparent entry
+                img = img.convert("RGBA" if "A" in img.mode or "transparency" in img.info else "RGB")
             pixels = np.asarray(img)
     except Exception as err:  # Pillow raises OSError, SyntaxError, struct.error ... for a corrupt stream
         raise ValueError(f"not a decodable PNG ({type(err).__name__}: {err})") from None
