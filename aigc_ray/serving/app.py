@@ -28,6 +28,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import JSONResponse, Response
 from ray import serve
+from ray.serve.config import BackpressureConfig
 from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
@@ -45,6 +46,7 @@ GRPC_SERVICERS = ["aigc_ray.serving.proto.aigc_pb2_grpc.add_GeneratorServicer_to
 APP_NAME = "aigc"
 RETRY_AFTER_S = 1
 HEADROOM = 16  # requests beyond the model's bound the ingress replica still takes: health, /v1/models, sheds
+PROXY_QUEUE_FACTOR = 4  # the proxy's queue for the ingress, in units of the ingress's own bound
 logger = logging.getLogger("ray.serve")
 
 
@@ -430,11 +432,15 @@ def build_app(args: dict) -> serve.Application:
         ).bind(**init(name, role))
     # No checkpoint URI in the ingress's args or version: a checkpoint change only reconfigures replicas in place
     # (user_config), nothing restarts and no request is dropped. The ingress replica bounds its own model's queue
-    # (LocalModel) and answers 503 itself; Serve's bound at the proxy stays as a second line.
+    # (LocalModel) and answers 503 itself; Serve's bound at the proxy stays as a second line. That line is
+    # wider (PROXY_QUEUE_FACTOR): a burst waits there until the ingress answers the router's probe, and on a
+    # starved CPU a burst of 48 once filled a queue of 28 before the ingress could shed anything itself (the
+    # proxy's 503 is plain text). Where the proxy does shed, it still says Retry-After (backpressure_config).
     plain = {**dataclasses.asdict(options), "checkpoints": list(served), "canaries": {}}
     bound = options.max_ongoing_requests + options.max_queued_requests + HEADROOM
     return Ingress.options(name=f"model-{first}", user_config={"checkpoint": served[first]},
-                           max_ongoing_requests=bound, max_queued_requests=bound,
+                           max_ongoing_requests=bound, max_queued_requests=PROXY_QUEUE_FACTOR * bound,
+                           backpressure_config=BackpressureConfig(status_code=503, retry_after_s=RETRY_AFTER_S),
                            version=_version("ingress", init(first), resources, plain), _internal=True, **replicas,
                            ).bind(models, plain, canaries, init(first))
 
