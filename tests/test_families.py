@@ -5,6 +5,8 @@ Ray starts, naming the key and the families that take it."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from conftest import tiny_config
@@ -26,26 +28,35 @@ CASES = [(f, c, 512) for f, c in FAMILIES] + [(f, c, 0) for f, c in FAMILIES
                                               if c or not get_family(f).capabilities.generate]
 
 
+# The session's tiny dcgan and vae runs (conftest), which the CLI and serving tests load too, are
+# these families' cached cases: a Train run costs ~22 s here, whatever it trains.
+SHARED_RUNS = {("dcgan", 0, 512): "trained_checkpoint", ("vae", 0, 512): "trained_vae_checkpoint"}
+
+
 @pytest.mark.parametrize(("family", "num_classes", "cache_mb"), CASES,
                          ids=[f"{f}{'-cond' if c else ''}-{'cached' if m else 'streamed'}" for f, c, m in CASES])
-def test_family_trains_samples_generates_and_serves(ray_session, tmp_path, data_root, family, num_classes, cache_mb):
+def test_family_trains_samples_generates_and_serves(ray_session, tmp_path, data_root, family, num_classes, cache_mb,
+                                                     request):
     from aigc_ray.train.loop import run_training
 
-    # 2 epochs of 5 batches: epoch 2 replays the cache when it is on; a checkpoint (with its
-    # sample grid) lands mid-epoch 1, before anything is cached
-    cfg = tiny_config(tmp_path, family).with_overrides({
-        "data.data_root": str(data_root), "data.cache_in_memory_mb": cache_mb, "model.num_classes": num_classes,
-        "train.epochs": 2, "train.batch_size": 256, "train.checkpoint_every": 3, "train.name": "fam",
-        "eval.enabled": False})
-    outcome = run_training(cfg)
+    if (family, num_classes, cache_mb) in SHARED_RUNS:
+        checkpoint = request.getfixturevalue(SHARED_RUNS[family, num_classes, cache_mb])
+    else:
+        # 2 epochs of 5 batches: epoch 2 replays the cache when it is on; a checkpoint (with its
+        # sample grid) lands mid-epoch 1, before anything is cached
+        cfg = tiny_config(tmp_path, family).with_overrides({
+            "data.data_root": str(data_root), "data.cache_in_memory_mb": cache_mb, "model.num_classes": num_classes,
+            "train.epochs": 2, "train.batch_size": 256, "train.checkpoint_every": 3, "train.name": "fam",
+            "eval.enabled": False})
+        checkpoint = run_training(cfg).checkpoint
     spec = get_family(family)
 
-    grids = sorted((tmp_path / "runs" / "fam" / "samples").glob("epoch_*.png"))
+    grids = sorted((Path(checkpoint).parent / "samples").glob("epoch_*.png"))
     assert grids, "no sample grid written"
     grid = Image.open(grids[-1])
     assert grid.size == (8 * 8 + 9 * 2,) * 2 and len(set(grid.convert("L").getdata())) > 1  # 8x8 cells, not bare padding
 
-    pipe = GeneratorPipeline.from_checkpoint(outcome.checkpoint)
+    pipe = GeneratorPipeline.from_checkpoint(checkpoint)
     labels = [3, 4] if num_classes else None
     if spec.capabilities.generate:
         images = pipe.generate([5, 6], labels)
@@ -54,13 +65,13 @@ def test_family_trains_samples_generates_and_serves(ray_session, tmp_path, data_
         if num_classes:  # no labels: class seed mod num_classes, so a seed alone names one image
             assert torch.equal(pipe.generate([13, 4]), pipe.generate([13, 4], [3, 4]))
         out = tmp_path / "gen.png"
-        argv = ["generate", "--checkpoint", outcome.checkpoint, "--num-images", "4", "--out", str(out)]
+        argv = ["generate", "--checkpoint", checkpoint, "--num-images", "4", "--out", str(out)]
         assert cli.main(argv + (["--labels", "7"] if num_classes else [])) == 0
         assert Image.open(out).info["Model-Version"] == pipe.version
     else:
         with pytest.raises(ValueError, match="cannot generate"):
             pipe.generate([5, 6])
-        assert cli.main(["generate", "--checkpoint", outcome.checkpoint, "--out", str(tmp_path / "x.png")]) == 2
+        assert cli.main(["generate", "--checkpoint", checkpoint, "--out", str(tmp_path / "x.png")]) == 2
     if spec.capabilities.reconstruct:
         real = torch.randint(0, 256, (3, 1, 8, 8), dtype=torch.uint8)
         assert pipe.reconstruct(real).shape == (3, 1, 8, 8)
