@@ -157,6 +157,10 @@ class TrainConfig:
     """Discriminator updates per generator update (5 is usual for WGAN-GP)."""
     ema_decay: float = 0.999
     """Decay of the generator's exponential moving average; 0 turns EMA off."""
+    lr_decay_start: float = 1.0
+    """Fraction of the epochs after which both learning rates fall linearly, epoch by epoch, towards 0 at
+    the end of the last one; 1.0 keeps them constant. A GAN's samples keep moving at a constant rate;
+    the decay lets the last epochs settle (dcgan-digits: 0.5)."""
     seed: int = 42
     """Seed for weights, noise and data order (the source documents ask for 42)."""
     workers: int = 1
@@ -206,6 +210,7 @@ class TrainConfig:
             _check(0 < getattr(self, name) < 1, f"train.{name} must be in (0, 1)")
         _check(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "train.beta1/beta2 must be in [0, 1)")
         _check(0 <= self.ema_decay < 1, "train.ema_decay must be in [0, 1)")
+        _check(0 <= self.lr_decay_start <= 1, f"train.lr_decay_start must be in [0, 1], got {self.lr_decay_start}")
         _check(self.max_failures >= -1, "train.max_failures must be >= -1 (-1 = retry forever)")
         _check(self.max_steps >= 0 and self.cpus_per_worker >= 0, "train.max_steps/cpus_per_worker must be >= 0")
         _check(self.precision in PRECISIONS, f"train.precision={self.precision!r} is unknown; use one of {PRECISIONS}")

@@ -42,3 +42,9 @@ def test_overrides_are_validated():
 def test_missing_named_config_lists_the_shipped_ones():
     with pytest.raises(ConfigError, match="dcgan-digits"):
         load_config("no-such-config")
+
+
+@pytest.mark.parametrize("value", [-0.1, 1.5])
+def test_lr_decay_start_outside_0_1_is_named(value):
+    with pytest.raises(ConfigError, match=rf"train\.lr_decay_start must be in \[0, 1\], got {value}"):
+        ExperimentConfig().with_overrides({"train.lr_decay_start": value})

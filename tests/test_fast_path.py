@@ -147,6 +147,15 @@ def test_cuda_fast_path(tmp_path, family):
     assert all(torch.isfinite(v) for v in out.values())
     if fp.precision == "bf16":
         assert engine.fast_path.cuda_graphs and engine._graphs, engine.fast_path.notes
+        # the captured step reads its learning rate from a device tensor: a new scale reaches the
+        # replays (a zero rate freezes the weights, which a rate baked into the graph would not)
+        engine.set_lr_scale(0.0)
+        frozen = [p.detach().clone() for p in engine.G.parameters()]
+        for _ in range(3):
+            engine.train_batch(images, labels)
+        torch.cuda.synchronize()
+        assert all(torch.equal(a, b) for a, b in zip(frozen, engine.G.parameters()))
+        engine.set_lr_scale(1.0)
     # a resumed engine recaptures against its own optimizer state
     again = Engine(cfg, device)
     again.load_state_dict(engine.state_dict())

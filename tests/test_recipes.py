@@ -215,3 +215,35 @@ def test_vae_mixture_prior_finds_the_modes_of_the_encodings_and_samples_them_by_
     for bad in (0, 65, 2.5):
         with pytest.raises(ConfigError, match="model.options.mixture_components"):
             ModelConfig(family="vae", options={"prior": "mixture", "mixture_components": bad})
+
+
+def test_learning_rates_hold_then_fall_linearly_towards_zero_at_the_end():
+    from aigc_ray.train.engine import lr_scale
+
+    epochs = 60
+    scales = [lr_scale(epoch / epochs, 0.5) for epoch in range(epochs)]
+    assert scales[:30] == [1.0] * 30  # the first half at the configured rates
+    assert scales[30:] == sorted(scales[30:], reverse=True) and 0 < scales[-1] <= 1 / 30 + 1e-9
+    assert scales[45] == pytest.approx(0.5)
+    assert {lr_scale(epoch / epochs, 1.0) for epoch in range(epochs)} == {1.0}  # the default: constant
+
+
+def test_the_engine_trains_at_the_scaled_rates_and_a_resume_keeps_the_config_as_the_base(tmp_path):
+    """What the training loop does at each epoch's start: the optimizers' rates become the config's
+    times the epoch's scale; a resumed engine starts from the config's rates, not the saved ones."""
+    from conftest import tiny_config
+
+    from aigc_ray.train.engine import Engine
+
+    cfg = tiny_config(tmp_path, "sngan", **{"train.lr_g": 4e-4, "train.lr_d": 1e-3, "train.lr_decay_start": 0.5})
+    engine = Engine(cfg, torch.device("cpu"))
+    engine.set_lr_scale(0.25)
+    images, labels = torch.randint(0, 256, (8, 1, 8, 8), dtype=torch.uint8), torch.zeros(8, dtype=torch.long)
+    before = [p.detach().clone() for p in engine.G.parameters()]
+    engine.train_batch(images, labels)
+    assert [g["lr"] for g in engine.opt_g.param_groups] == [pytest.approx(1e-4)]
+    assert [g["lr"] for g in engine.opt_d.param_groups] == [pytest.approx(2.5e-4)]
+    assert any(not torch.equal(a, b) for a, b in zip(before, engine.G.parameters()))  # it still trains
+    again = Engine(cfg, torch.device("cpu"))
+    again.load_state_dict(engine.state_dict())
+    assert again.opt_g.param_groups[0]["lr"] == pytest.approx(4e-4)

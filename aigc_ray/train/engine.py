@@ -37,6 +37,14 @@ def _unwrap(module: nn.Module) -> nn.Module:
     return module.module if isinstance(module, DistributedDataParallel) else module
 
 
+def lr_scale(progress: float, decay_start: float) -> float:
+    """The learning rates' factor at ``progress`` (the fraction of training done, in [0, 1)): 1 until
+    ``decay_start``, then linear towards 0 at progress 1 (train.lr_decay_start)."""
+    if progress < decay_start or decay_start >= 1:
+        return 1.0
+    return max(0.0, (1 - progress) / (1 - decay_start))
+
+
 def ema_with_warmup(decay: float):
     """EMA whose decay ramps up as min(decay, (1 + n) / (10 + n)) over n updates, so the
     average isn't dominated by the random initial weights in a short run (with a fixed
@@ -128,8 +136,9 @@ class Engine:
         if device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # static shapes: pick the fastest conv algorithms once
         self._adam = {"betas": (t.beta1, t.beta2), "fused": fp.fused_adam, "capturable": fp.cuda_graphs}
-        self.opt_g = torch.optim.Adam(self.G.parameters(), lr=t.lr_g, **self._adam)
-        self.opt_d = torch.optim.Adam(self.D.parameters(), lr=t.lr_d, **self._adam) if self.D is not None else None
+        self.opt_g = torch.optim.Adam(self.G.parameters(), lr=self._lr(t.lr_g), **self._adam)
+        self.opt_d = (torch.optim.Adam(self.D.parameters(), lr=self._lr(t.lr_d), **self._adam)
+                      if self.D is not None else None)
         for opt in (self.opt_g, self.opt_d):
             if opt is not None:  # the warm-up steps run uncaptured on purpose
                 opt._warned_capturable_if_run_uncaptured = True
@@ -258,12 +267,28 @@ class Engine:
         self._graphs.clear()  # captured graphs point at the optimizer state just replaced
         self._warmups.clear()
 
+    def _lr(self, lr: float) -> float | torch.Tensor:
+        """A learning rate as the optimizer holds it: a device tensor when the step is a captured CUDA
+        graph, which reads it at every replay (a float would be baked into the graph), so that
+        set_lr_scale() reaches the captured step."""
+        return torch.tensor(lr, device=self.device) if self.fast_path.cuda_graphs else lr
+
+    def set_lr_scale(self, scale: float) -> None:
+        """Train at ``scale`` times the config's learning rates from now on (see lr_scale)."""
+        for opt, base in ((self.opt_g, self.cfg.train.lr_g), (self.opt_d, self.cfg.train.lr_d)):
+            for group in opt.param_groups if opt is not None else ():
+                if isinstance(group["lr"], torch.Tensor):
+                    group["lr"].fill_(base * scale)
+                else:
+                    group["lr"] = base * scale
+
     def _load_optimizer(self, opt: torch.optim.Optimizer, state: dict, lr: float) -> None:
         """Load with this engine's fused/capturable flags, not the saving machine's (a CPU
         checkpoint resumed on a GPU, or the reverse), and with this config's learning rate and
         betas: the config is the source of truth, so a PBT trial restored from another trial's
-        checkpoint trains at its own (mutated) hyperparameters."""
-        own = {k: self._adam[k] for k in ("fused", "capturable", "betas")} | {"lr": lr}
+        checkpoint trains at its own (mutated) hyperparameters. (The training loop then applies the
+        epoch's lr_scale.)"""
+        own = {k: self._adam[k] for k in ("fused", "capturable", "betas")} | {"lr": self._lr(lr)}
         state = dict(state, param_groups=[dict(copy.copy(g), **own) for g in state["param_groups"]])
         opt.load_state_dict(state)
 

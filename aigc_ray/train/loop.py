@@ -34,7 +34,7 @@ from aigc_ray.data.pipeline import ensure_prepared, load_split, train_dataset
 from aigc_ray.data.prepare import read_manifest
 from aigc_ray.models.checkpoint import save_checkpoint
 from aigc_ray.pipeline import grid_png, to_uint8
-from aigc_ray.train.engine import Engine
+from aigc_ray.train.engine import Engine, lr_scale
 from aigc_ray.train.resume import check_resumable, load_resume_state
 from aigc_ray.train.validation import (
     UNSCORED,
@@ -219,6 +219,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         # epoch's per-epoch costs (artifacts, report barrier, checkpoint upload)
         count, images_seen = 0, 0
         done = False
+        engine.set_lr_scale(lr_scale(epoch / loop_config["schedule_epochs"], t.lr_decay_start))
         for i, (x, y) in enumerate(batches.epoch(epoch)):
             if epoch == start_epoch and i < skip_batches:
                 continue  # already trained on before the checkpoint we resumed from
@@ -341,13 +342,16 @@ def fits_in_memory(cfg: ExperimentConfig, manifest: dict) -> bool:
 def build_trainer(cfg: ExperimentConfig, *, callbacks=(), validation_config=None,
                   checkpoint_score: str | None = None, init_checkpoint: Checkpoint | None = None,
                   inline_eval: bool = False, start_timeout_s: float | None = None,
-                  trial: str | None = None, placement_record: str | None = None) -> tuple[TorchTrainer, str]:
+                  trial: str | None = None, placement_record: str | None = None,
+                  schedule_epochs: int | None = None) -> tuple[TorchTrainer, str]:
     """The run's TorchTrainer and run directory. ``inline_eval``: evaluated epochs are scored on
     rank 0 before their report (Tune ASHA/FIFO trials) instead of by a separate validation task.
     ``start_timeout_s``: the run fails (``waits.StartTimeout``, or Train's
     WorkerGroupStartupTimeoutError) when its workers cannot be placed, or its data gives no first
     batch, within that many seconds, instead of waiting for ever. ``trial``, ``placement_record``: the
-    Tune trial this run belongs to, and where its rank 0 records its workers' placement group."""
+    Tune trial this run belongs to, and where its rank 0 records its workers' placement group.
+    ``schedule_epochs``: the length the learning-rate schedule (train.lr_decay_start) spans, when the run
+    is one segment of a longer training (a PBT trial's); default train.epochs."""
     prepared = ensure_prepared(cfg.data, cfg.train.seed)
     manifest = read_manifest(prepared)
     storage_path = storage.resolve(cfg.train.storage_path or cfg.train.out)
@@ -381,7 +385,8 @@ def build_trainer(cfg: ExperimentConfig, *, callbacks=(), validation_config=None
                            "inline_eval": inline_eval, "unscored_fid": own_validation, "in_memory": in_memory,
                            "start_timeout_s": start_timeout_s, "trial": trial,
                            "start_deadline": time.time() + (start_timeout_s or 0),
-                           "placement_record": placement_record},
+                           "placement_record": placement_record,
+                           "schedule_epochs": schedule_epochs or cfg.train.epochs},
         scaling_config=ScalingConfig(num_workers=cfg.train.workers, use_gpu=cfg.train.use_gpu,
                                      resources_per_worker={"CPU": cpus}),
         run_config=RunConfig(

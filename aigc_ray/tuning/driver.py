@@ -129,7 +129,8 @@ def run_pbt_trial(config: dict[str, Any], sweep: dict[str, Any]) -> None:
         # a fresh Train run per segment: its name must not find a run left by a segment this
         # trial started before an exploit replaced its weights
         cfg = trial_config(sweep, config, name=f"{trial_id}-e{epoch:04d}-{uuid.uuid4().hex[:6]}", epochs=stop)
-        trainer, run_dir = _build(cfg, forward=False, sweep=sweep, trial_id=trial_id, init_checkpoint=start)
+        trainer, run_dir = _build(cfg, forward=False, sweep=sweep, trial_id=trial_id, init_checkpoint=start,
+                                  schedule_epochs=budget)  # the learning-rate schedule spans the whole trial
         result = _fit(trainer, sweep, trial_id)
         last = result.checkpoint
         scored = dict(result.metrics or {})
@@ -144,9 +145,11 @@ def run_pbt_trial(config: dict[str, Any], sweep: dict[str, Any]) -> None:
             # the learning rates the optimizers were at, from the checkpoint's own state: what
             # the segment really trained with (mutations included), shown beside the config
             state = load_train_state(directory)
-            report["trained_lr_g"] = state["opt_g"]["param_groups"][0]["lr"]
+            # (float(): a tensor where the step ran as a CUDA graph; with train.lr_decay_start < 1, the
+            # segment's last epoch's scaled rate)
+            report["trained_lr_g"] = float(state["opt_g"]["param_groups"][0]["lr"])
             if state.get("opt_d"):
-                report["trained_lr_d"] = state["opt_d"]["param_groups"][0]["lr"]
+                report["trained_lr_d"] = float(state["opt_d"]["param_groups"][0]["lr"])
             ray.tune.report(report, checkpoint=ray.tune.Checkpoint.from_directory(directory))
         start = ray.tune.get_checkpoint()  # Tune's copy: the segment's own run can go
         if not storage.is_uri(run_dir):
