@@ -160,7 +160,7 @@ class TrainConfig:
     lr_decay_start: float = 1.0
     """Fraction of the epochs after which both learning rates fall linearly, epoch by epoch, towards 0 at
     the end of the last one; 1.0 keeps them constant. A GAN's samples keep moving at a constant rate;
-    the decay lets the last epochs settle (dcgan-digits: 0.5)."""
+    the decay lets the last epochs settle (dcgan-digits: 0.7)."""
     seed: int = 42
     """Seed for weights, noise and data order (the source documents ask for 42)."""
     workers: int = 1
