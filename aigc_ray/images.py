@@ -32,7 +32,7 @@ def encode_png(image: torch.Tensor, text: dict[str, str] | None = None) -> bytes
         for key, value in text.items():
             info.add_text(key, value)  # a tEXt chunk (latin-1), as the PNG spec's keywords are
     buffer = io.BytesIO()
-    Image.fromarray(pixels, _MODES[image.shape[0]]).save(buffer, format="PNG", pnginfo=info, compress_level=6)
+    Image.fromarray(pixels, _MODES[image.shape[0]]).save(buffer, format="PNG", pnginfo=info)
     return buffer.getvalue()
 
 

@@ -35,7 +35,7 @@ from aigc_ray.models import get_family  # noqa: E402
 from aigc_ray.models.registry import TrainNets  # noqa: E402
 from aigc_ray.models.steps import StepContext  # noqa: E402
 from aigc_ray.pipeline import grid_png, to_uint8  # noqa: E402
-from aigc_ray.train.engine import lr_scale  # noqa: E402
+from aigc_ray.train.engine import lr_scale, set_learning_rate  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 REPORTED = ("fid", "kid", "precision", "recall", "class_coverage", "mode_entropy")
@@ -111,9 +111,8 @@ def run_variant(name: str, base: str, overrides: dict, steps: int, seconds: floa
                                      scale_range=d.scale_range, horizontal_flip=d.horizontal_flip, generator=aug_gen)
             batches += 1
             scale = lr_scale(g_steps / steps, t.lr_decay_start)  # per step here, per epoch in the engine's loop
-            for opt, lr in ((opt_g, t.lr_g), (opt_d, t.lr_d)):
-                for group in opt.param_groups if opt is not None else ():
-                    group["lr"] = lr * scale
+            set_learning_rate(opt_g, t.lr_g * scale)
+            set_learning_rate(opt_d, t.lr_d * scale)
             update_g = batches % t.critic_steps == 0 or not family.capabilities.adversarial
             family.train_step(nets, real, train_y[idx] if m.num_classes else None, ctx, update_g)
             if update_g:

@@ -45,6 +45,16 @@ def lr_scale(progress: float, decay_start: float) -> float:
     return max(0.0, (1 - progress) / (1 - decay_start))
 
 
+def set_learning_rate(optimizer: torch.optim.Optimizer | None, lr: float) -> None:
+    """Every param group of ``optimizer`` at ``lr``, in place where the rate is a device tensor (a captured
+    CUDA graph reads it at every replay)."""
+    for group in optimizer.param_groups if optimizer is not None else ():
+        if isinstance(group["lr"], torch.Tensor):
+            group["lr"].fill_(lr)
+        else:
+            group["lr"] = lr
+
+
 def ema_with_warmup(decay: float):
     """EMA whose decay ramps up as min(decay, (1 + n) / (10 + n)) over n updates, so the
     average isn't dominated by the random initial weights in a short run (with a fixed
@@ -275,12 +285,8 @@ class Engine:
 
     def set_lr_scale(self, scale: float) -> None:
         """Train at ``scale`` times the config's learning rates from now on (see lr_scale)."""
-        for opt, base in ((self.opt_g, self.cfg.train.lr_g), (self.opt_d, self.cfg.train.lr_d)):
-            for group in opt.param_groups if opt is not None else ():
-                if isinstance(group["lr"], torch.Tensor):
-                    group["lr"].fill_(base * scale)
-                else:
-                    group["lr"] = base * scale
+        set_learning_rate(self.opt_g, self.cfg.train.lr_g * scale)
+        set_learning_rate(self.opt_d, self.cfg.train.lr_d * scale)
 
     def _load_optimizer(self, opt: torch.optim.Optimizer, state: dict, lr: float) -> None:
         """Load with this engine's fused/capturable flags, not the saving machine's (a CPU
