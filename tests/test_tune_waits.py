@@ -13,7 +13,7 @@ import yaml
 from conftest import tiny_config
 from test_tune import _spec
 
-from aigc_ray.train.waits import StartTimeout, first_batch_within
+from aigc_ray.train.waits import StartTimeout, describe_wait, first_batch_within
 
 
 def test_first_batch_within_passes_batches_and_bounds_only_the_first():
@@ -41,7 +41,12 @@ def hog(ray_session):
     def make(free: float):
         total = ray_session.cluster_resources()["CPU"]
         pg = placement_group([{"CPU": total - free}])
-        assert pg.wait(30), "the hog could not be placed: is another test holding CPUs?"
+        if not pg.wait(60):  # an earlier test left something running: say what
+            from ray.util.state import list_actors
+
+            alive = sorted(a.class_name for a in list_actors(filters=[("state", "=", "ALIVE")]))
+            pytest.fail("the hog could not be placed: " + describe_wait({"CPU": total - free}, "the hog")
+                        + f"; live actors: {alive}")
         groups.append(pg)
         return pg
 
@@ -65,6 +70,24 @@ def test_workers_that_cannot_be_placed_fail_naming_the_holder(ray_session, hog, 
     assert "placement group needs {CPU: 1}" in message and "{CPU: 0.5} free" in message
     assert pg.id.hex()[:12] in message  # who holds the CPUs
     print(f"failed after {time.monotonic() - began:.1f}s")  # (printed, not asserted: timing is noisy here)
+
+
+def test_a_dataset_that_cannot_be_opened_fails_naming_the_holder(ray_session, hog, tmp_path, data_root):
+    """Ray Data's Parquet reader samples the files with Ray tasks (1 CPU each) as the dataset is
+    opened, in the trial's own process before its workers are placed. With no CPU free, that was a
+    wait without end or word, before any of the other bounds began."""
+    from aigc_ray.tuning import driver
+
+    pg = hog(free=0.5)
+    cfg = tiny_config(tmp_path).with_overrides({"data.data_root": str(data_root), "train.epochs": 1,
+                                                "data.cache_in_memory_mb": 0})  # streamed through Ray Data
+    with pytest.raises(StartTimeout) as err:
+        driver._build(cfg, forward=True, sweep={"start_timeout_s": 3, "train_storage": str(tmp_path / "train")},
+                      trial_id="t0")
+    message = str(err.value)
+    assert "trial t0 could not start within 3s" in message and "Parquet dataset could not be opened" in message
+    assert "sampling tasks (1 CPU each) needs {CPU: 1}" in message and "{CPU: 0.5} free" in message
+    assert pg.id.hex()[:12] in message
 
 
 def test_an_ended_trials_placement_group_is_released_once_its_workers_are_gone(ray_session, tmp_path):

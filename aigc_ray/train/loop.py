@@ -45,7 +45,7 @@ from aigc_ray.train.validation import (
     record_eval,
 )
 from aigc_ray.train.validation import validation_config as default_validation_config
-from aigc_ray.train.waits import describe_wait, first_batch_within, placement_labels, record_placement
+from aigc_ray.train.waits import call_within, describe_wait, first_batch_within, placement_labels, record_placement
 
 GRID_SIDE = 8  # the fixed-noise sample grid is 8x8
 REPORT_POLL_S = 0.2  # how often Train's controller collects reports (see build_trainer)
@@ -352,6 +352,7 @@ def build_trainer(cfg: ExperimentConfig, *, callbacks=(), validation_config=None
     Tune trial this run belongs to, and where its rank 0 records its workers' placement group.
     ``schedule_epochs``: the length the learning-rate schedule (train.lr_decay_start) spans, when the run
     is one segment of a longer training (a PBT trial's); default train.epochs."""
+    started = time.time()  # the start's one deadline: dataset, placement and first batch
     prepared = ensure_prepared(cfg.data, cfg.train.seed)
     manifest = read_manifest(prepared)
     storage_path = storage.resolve(cfg.train.storage_path or cfg.train.out)
@@ -384,7 +385,7 @@ def build_trainer(cfg: ExperimentConfig, *, callbacks=(), validation_config=None
                            "validate": validation_config is not None or inline_eval,
                            "inline_eval": inline_eval, "unscored_fid": own_validation, "in_memory": in_memory,
                            "start_timeout_s": start_timeout_s, "trial": trial,
-                           "start_deadline": time.time() + (start_timeout_s or 0),
+                           "start_deadline": started + (start_timeout_s or 0),
                            "placement_record": placement_record,
                            "schedule_epochs": schedule_epochs or cfg.train.epochs},
         scaling_config=ScalingConfig(num_workers=cfg.train.workers, use_gpu=cfg.train.use_gpu,
@@ -400,7 +401,11 @@ def build_trainer(cfg: ExperimentConfig, *, callbacks=(), validation_config=None
                 num_to_keep=cfg.train.keep_checkpoints,
                 checkpoint_score_attribute=checkpoint_score, checkpoint_score_order="min"),
             callbacks=list(callbacks), logging_config=LoggingConfig(log_level="WARNING")),
-        datasets={} if in_memory else {"train": train_dataset(prepared)},
+        datasets={} if in_memory else {"train": call_within(
+            lambda: train_dataset(prepared), start_timeout_s,
+            lambda: f"run {cfg.run_name}: its Parquet dataset could not be opened in time: " + describe_wait(
+                {"CPU": 1.0}, "Ray Data's file sampling tasks (1 CPU each)",
+                placement_labels(placement_record and os.path.dirname(placement_record))))},
         validation_config=validation_config,
     )
     return trainer, run_dir

@@ -1,9 +1,10 @@
 """Bounded waits for a run's start, and what to say when one runs out.
 
-A Train run starts in two waits: its workers' placement group must be placed (Ray Train's
+A Train run starts in three waits. Its Parquet dataset is opened in the driver, which samples
+the files with Ray tasks (``call_within`` bounds it); its workers' placement group must be placed (Ray Train's
 ``RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S``; ``build_trainer(start_timeout_s=...)`` sets it and
 makes the timeout final instead of retried forever), then its data pipeline must produce a
-first batch (``first_batch_within``). Past either bound the run fails with ``StartTimeout``,
+first batch (``first_batch_within``). Past any bound the run fails with ``StartTimeout``,
 whose message names what it waited for (``describe_wait``): the resources it needs, what the
 cluster has free, and who holds the rest, read from the GCS placement group table (no
 dashboard needed). Placement groups are named after the sweep trial that owns them when that
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from aigc_ray import storage
@@ -101,30 +102,37 @@ def describe_wait(need: dict[str, float], waited_for: str, labels: dict[str, str
     return text + ("; held by: " + "; ".join(holders) if holders else "")
 
 
-def first_batch_within(batches: Iterator[Any], timeout_s: float | None, describe) -> Iterator[Any]:
-    """``batches`` unchanged, except that the first one must arrive within ``timeout_s``: it is
-    fetched on a helper thread, and past the bound ``StartTimeout(describe())`` is raised.
-    (A data pipeline with no CPU to run its read tasks on waits forever, without a word.)"""
+def call_within(fn: Callable[[], Any], timeout_s: float | None, describe: Callable[[], str]) -> Any:
+    """``fn()``, run on a helper thread: its result (or its exception), or ``StartTimeout(describe())``
+    once ``timeout_s`` pass. (A Ray task with no CPU to run on waits forever, without a word; the
+    helper thread is left to that wait, and ends with its process.)"""
     if not timeout_s:
-        yield from batches
-        return
-    it = iter(batches)
+        return fn()
     box: queue.Queue = queue.Queue(maxsize=1)
 
-    def fetch() -> None:
+    def run() -> None:
         try:
-            box.put((True, next(it)))
-        except BaseException as err:  # noqa: BLE001 - handed to the consumer as is (StopIteration too)
+            box.put((True, fn()))
+        except BaseException as err:  # noqa: BLE001 - handed to the caller as is (StopIteration too)
             box.put((False, err))
 
-    threading.Thread(target=fetch, name="first-batch", daemon=True).start()
+    threading.Thread(target=run, name="bounded-start", daemon=True).start()
     try:
         ok, value = box.get(timeout=timeout_s)
     except queue.Empty:
         raise StartTimeout(describe()) from None
     if not ok:
-        if isinstance(value, StopIteration):
-            return
         raise value
-    yield value
+    return value
+
+
+def first_batch_within(batches: Iterator[Any], timeout_s: float | None, describe) -> Iterator[Any]:
+    """``batches`` unchanged, except that the first one must arrive within ``timeout_s``, or
+    ``StartTimeout(describe())`` is raised (``call_within``)."""
+    it = iter(batches)
+    try:
+        first = call_within(lambda: next(it), timeout_s, describe)
+    except StopIteration:
+        return
+    yield first
     yield from it

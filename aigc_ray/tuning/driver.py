@@ -55,6 +55,17 @@ def _build(cfg: ExperimentConfig, forward: bool, sweep: dict[str, Any], trial_id
     validation config in (rather than letting build_trainer add its own) also leaves out the
     fid=inf placeholder on unscored checkpoints: Train's snapshot stores it as null, and a
     resumed run then fails to rank them. The sweep keeps every evaluated checkpoint instead."""
+    try:
+        return _build_trainer(cfg, forward, sweep, trial_id, **kwargs)
+    except StartTimeout as err:  # its Parquet dataset could not be opened (waits.call_within)
+        raise StartTimeout(_could_not_start(trial_id, sweep) + str(err)) from None
+
+
+def _could_not_start(trial_id: str, sweep: dict[str, Any]) -> str:
+    return f"trial {trial_id} could not start within {sweep.get('start_timeout_s'):g}s (start_timeout_s): "
+
+
+def _build_trainer(cfg: ExperimentConfig, forward: bool, sweep: dict[str, Any], trial_id: str, **kwargs):
     from aigc_ray.train.loop import build_trainer
     from aigc_ray.train.validation import validation_config
 
@@ -78,21 +89,17 @@ def _fit(trainer, sweep: dict[str, Any], trial_id: str):
     try:
         return trainer.fit()
     except Exception as err:
-        timeout = sweep.get("start_timeout_s")
         if type(getattr(err, "controller_failure", None)).__name__ == "WorkerGroupStartupTimeoutError":
             scaling = trainer.scaling_config
             per_worker = dict(scaling.resources_per_worker or {"CPU": 1}) | ({"GPU": 1} if scaling.use_gpu else {})
             need = {k: v * scaling.num_workers for k, v in per_worker.items()}
-            raise StartTimeout(
-                f"trial {trial_id} could not start within {timeout:g}s (start_timeout_s): "
-                + describe_wait(need, f"its {scaling.num_workers} worker(s)' placement group",
-                                watch.labels(sweep["train_storage"]))) from None
+            raise StartTimeout(_could_not_start(trial_id, sweep) + describe_wait(
+                need, f"its {scaling.num_workers} worker(s)' placement group", watch.labels(sweep["train_storage"]))) from None
         for failure in (getattr(err, "worker_failures", None) or {}).values():
             cause = failure if isinstance(failure, StartTimeout) else getattr(failure, "cause", None)
             text = str(cause) if isinstance(cause, StartTimeout) else _after("StartTimeout", str(failure))
             if text:  # raised in a worker: waits.first_batch_within
-                raise StartTimeout(f"trial {trial_id} could not start within {timeout:g}s (start_timeout_s): "
-                                   + text.strip().splitlines()[0]) from None
+                raise StartTimeout(_could_not_start(trial_id, sweep) + text.strip().splitlines()[0]) from None
         raise
 
 
