@@ -181,7 +181,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                "replica_gpus": args.replica_gpus, "api_token_file": args.api_token_file or "",
                "access_log": not args.no_access_log}
     return run_until_interrupted(options, host=args.host, http_port=args.http_port, grpc_port=args.grpc_port,
-                                 address=args.address, insecure=args.insecure)
+                                 address=args.address, insecure=args.insecure, ingress=args.ingress)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -345,6 +345,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="no access log line per request (Serve's proxies and replicas): less work per request")
     p.add_argument("--insecure", action="store_true",
                    help="allow a non-loopback --host without a token (anyone who reaches the ports can call)")
+    from aigc_ray.serving.options import INGRESSES
+
+    p.add_argument("--ingress", choices=INGRESSES, default="proxy",
+                   help="what takes requests in: Ray Serve's proxy actors (default), or HAProxy sending each request "
+                        "straight to a replica (2-3x the requests/s on a small machine; opens a stats page and a "
+                        "metrics endpoint on every interface, on free ports; only when this command starts Ray)")
     p.set_defaults(func=cmd_serve)
     return parser
 

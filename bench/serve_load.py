@@ -17,6 +17,7 @@ failed requests and responses switching version. --device cuda puts the model on
 (Serve: replica_gpus 1).
 --overload then sends open-loop load (a fixed arrival rate) at 0.5x and 4x the sustainable rate with the shipped
 queue bounds: admitted p99 at 4x against 0.5x (target <= 2x), how fast the rest are shed, how many hung.
+--ingress haproxy puts HAProxy in front instead of Ray's proxy actors (as `aigc-ray serve --ingress haproxy`).
 --niceness runs Ray's workers and the plain server at the same niceness (default 0, as `aigc-ray serve` does;
 Ray's own default for workers is 15, which on a busy machine starves Serve against a nice-0 baseline).
 Writes bench/results/serve_load.json. The load generator runs on the same machine (asyncio clients).
@@ -317,6 +318,8 @@ async def run_overload(args, app, ckpt: str, client, stub, results: dict) -> Non
 
 
 def main() -> int:
+    from aigc_ray.serving.options import INGRESSES
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--duration", type=float, default=6.0, help="seconds per (mode, concurrency) cell")
     p.add_argument("--swap-duration", type=float, default=15.0)
@@ -337,6 +340,9 @@ def main() -> int:
                    "rate with the shipped queue bounds (admitted p99, shed latency, hangs)")
     p.add_argument("--no-access-log", action="store_true", help="Serve without its access log line per request "
                    "(the plain server writes none)")
+    p.add_argument("--ingress", choices=INGRESSES, default="proxy",
+                   help="what takes Serve's requests in, as `aigc-ray serve --ingress`: Ray's proxy actors, or HAProxy "
+                        "sending each request straight to a replica")
     p.add_argument("--serve-env", action="append", default=[], metavar="KEY=VALUE",
                    help="an environment variable for Ray's processes (proxy, replicas), e.g. RAY_SERVE_... knobs")
     p.add_argument("--plain-server", nargs=2, metavar=("CHECKPOINT", "PORT"), help=argparse.SUPPRESS)
@@ -364,6 +370,10 @@ def main() -> int:
               f"p99 {r['p99_ms']:8.1f} ms", flush=True)
     asyncio.run(run_plain(args, ckpt_a, results))
     os.environ.update(dict(kv.split("=", 1) for kv in args.serve_env))
+    if args.ingress == "haproxy":
+        from aigc_ray.serving.app import use_haproxy_ingress
+
+        use_haproxy_ingress()
     os.environ["RAY_worker_niceness"] = str(args.niceness)  # each worker nice()s itself by this (core_worker.cc)
     ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
     try:

@@ -39,7 +39,15 @@ from aigc_ray.serving.canary import CanaryRouter
 from aigc_ray.serving.canary import deployment_name as canary_deployment
 from aigc_ray.serving.grpc_methods import GrpcMethods, Overloaded, Unavailable, field_errors
 from aigc_ray.serving.model import BadRequest, GeneratorModel, LocalModel, ModelCore
-from aigc_ray.serving.options import GenerateBody, ImagesOut, InterpolateBody, ReconstructBody, ServeOptions, deployed_openapi
+from aigc_ray.serving.options import (
+    INGRESSES,
+    GenerateBody,
+    ImagesOut,
+    InterpolateBody,
+    ReconstructBody,
+    ServeOptions,
+    deployed_openapi,
+)
 
 GRPC_SERVICERS = ["aigc_ray.serving.proto.aigc_pb2_grpc.add_GeneratorServicer_to_server",
                   "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server"]
@@ -480,9 +488,35 @@ def check_exposure(options: ServeOptions, host: str, insecure: bool = False) -> 
     return token
 
 
+def use_haproxy_ingress() -> dict[str, int]:
+    """Serve's HAProxy ingress, for a Ray this process is about to start (Serve's controller reads the
+    switch from the environment it starts in). HAProxy listens on --host's HTTP and gRPC ports and sends
+    each request straight to a replica's own HTTP / gRPC server (Serve's "direct ingress"), instead of
+    through Ray's Python proxy actor: on this 2-core machine the proxy hop cost 12-24 ms of a request's
+    15-31 ms (bench/results/serve_load.md). HAProxy also opens a stats page and a Prometheus endpoint on
+    every interface (Ray 2.60 has no bind address for them); they get free ports rather than the fixed
+    8404 / 9101, so a second server on the machine, or whatever holds those ports, is not in the way.
+    Returns {"stats": port, "metrics": port}."""
+    import socket
+
+    def free_port() -> int:
+        with socket.socket() as s:
+            s.bind(("", 0))
+            return s.getsockname()[1]
+
+    os.environ["RAY_SERVE_ENABLE_HA_PROXY"] = "1"
+    ports = {}
+    for name in ("stats", "metrics"):
+        key = f"RAY_SERVE_HAPROXY_{name.upper()}_PORT"
+        os.environ[key] = os.environ.get(key) or str(free_port())
+        ports[name] = int(os.environ[key])
+    return ports
+
+
 def run_until_interrupted(args: dict, host: str = "127.0.0.1", http_port: int = 8000, grpc_port: int = 9000,
-                          address: str | None = None, insecure: bool = False) -> int:
-    """`aigc-ray serve`: deploy, print the endpoints, block until Ctrl-C, then shut Serve down."""
+                          address: str | None = None, insecure: bool = False, ingress: str = "proxy") -> int:
+    """`aigc-ray serve`: deploy, print the endpoints, block until Ctrl-C, then shut Serve down. ``ingress``:
+    "proxy" (Ray Serve's proxy actors) or "haproxy" (``use_haproxy_ingress``; only for a Ray this starts)."""
     import signal
     import time
 
@@ -493,11 +527,20 @@ def run_until_interrupted(args: dict, host: str = "127.0.0.1", http_port: int = 
 
     options = ServeOptions(**args)  # validate before starting anything
     token = check_exposure(options, host, insecure)
+    address = address or os.environ.get("RAY_ADDRESS")
+    own_ray = address in (None, "", "local")
+    if ingress not in INGRESSES:
+        raise ValueError(f"--ingress {ingress}: expected one of {', '.join(INGRESSES)}")
+    if ingress == "haproxy" and not own_ray:
+        raise ValueError(f"--ingress haproxy: a running cluster ({address}) chose its ingress when it started; start "
+                         "it with RAY_SERVE_ENABLE_HA_PROXY=1 in its environment (ray start, the RayService's env), "
+                         "or let aigc-ray serve start its own Ray")
+    haproxy_ports = use_haproxy_ingress() if ingress == "haproxy" else {}
     # Serve's gRPC proxy reads its message cap from the environment it starts in (a local Ray inherits ours)
     os.environ.setdefault("RAY_SERVE_GRPC_MAX_MESSAGE_SIZE", str(options.max_body_bytes + 64 * 1024))
-    if not (address or os.environ.get("RAY_ADDRESS")):  # our own Ray: its workers are the server, not background
+    if own_ray:  # our own Ray: its workers are the server, not background
         os.environ.setdefault("RAY_worker_niceness", "0")  # work (Ray nices every worker by 15 by default)
-    ray.init(address=address or os.environ.get("RAY_ADDRESS"), ignore_reinit_error=True)
+    ray.init(address=address or None, ignore_reinit_error=True)
     # after ray.init, which installs a SIGTERM handler of its own that aborts the process (exit 134)
     signal.signal(signal.SIGTERM, _stop)  # `kill`, container stop: same clean shutdown as Ctrl-C
     try:
@@ -505,6 +548,9 @@ def run_until_interrupted(args: dict, host: str = "127.0.0.1", http_port: int = 
         deploy(dataclasses.asdict(options))
         print(f"serving {', '.join(options.models())}: http://{host}:{http_port}/docs  grpc {host}:{grpc_port} "
               f"{'(bearer token required) ' if token else ''}(Ctrl-C to stop)", flush=True)
+        if haproxy_ports:
+            print(f"ingress: HAProxy (stats http://{host}:{haproxy_ports['stats']}/stats, metrics "
+                  f":{haproxy_ports['metrics']}/metrics, both on every interface)", flush=True)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:

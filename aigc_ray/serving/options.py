@@ -13,6 +13,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
+INGRESSES = ("proxy", "haproxy")  # `aigc-ray serve --ingress`: what takes requests in (serving/app.use_haproxy_ingress)
+
 HARD_MAX_IMAGES = 4096  # schema-level cap; the configured max_num_images is checked on top
 MAX_SEED = 2**53 - 1  # exact in every JSON parser (a double): a larger bound is read differently by clients
 
