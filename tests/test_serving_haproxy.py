@@ -7,10 +7,10 @@ import csv
 import io
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import grpc
 import httpx
@@ -19,11 +19,8 @@ import pytest
 from aigc_ray.cli import main
 from aigc_ray.serving.proto import aigc_pb2, aigc_pb2_grpc
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from local_cluster import free_ports  # noqa: E402
 
 
 def test_haproxy_ingress_is_refused_for_a_running_cluster(monkeypatch, capsys):
@@ -33,7 +30,7 @@ def test_haproxy_ingress_is_refused_for_a_running_cluster(monkeypatch, capsys):
 
 
 def test_serve_behind_haproxy_answers_http_and_grpc_from_the_replica(trained_checkpoint):
-    http_port, grpc_port = _free_port(), _free_port()
+    http_port, grpc_port = free_ports(2)
     env = dict(os.environ, RAY_ADDRESS="local", PYTHONUNBUFFERED="1")  # its own Ray, beside the session's
     for key in ("RAY_SERVE_ENABLE_HA_PROXY", "RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT"):
         env.pop(key, None)
