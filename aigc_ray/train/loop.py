@@ -352,7 +352,9 @@ def build_trainer(cfg: ExperimentConfig, *, callbacks=(), validation_config=None
     Tune trial this run belongs to, and where its rank 0 records its workers' placement group.
     ``schedule_epochs``: the length the learning-rate schedule (train.lr_decay_start) spans, when the run
     is one segment of a longer training (a PBT trial's); default train.epochs."""
-    started = time.time()  # the start's one deadline: dataset, placement and first batch
+    # opening the dataset and placing the workers are each bounded by start_timeout_s; the workers'
+    # first batch must come within start_timeout_s of this moment (loop_config's start_deadline)
+    started = time.time()
     prepared = ensure_prepared(cfg.data, cfg.train.seed)
     manifest = read_manifest(prepared)
     storage_path = storage.resolve(cfg.train.storage_path or cfg.train.out)
