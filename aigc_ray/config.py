@@ -125,6 +125,7 @@ class ModelConfig:
             raise ConfigError(f"model.options: {err}") from None
         # keep every option written out, so a checkpoint or a YAML dump says what was used
         self.options = dataclasses.asdict(self._opts)
+        family.check(self)
 
     @property
     def opts(self):

@@ -27,6 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from aigc_ray.config import load_config  # noqa: E402
+from real_vs_generated import colourfulness  # noqa: E402 (bench/, beside this script)
 from aigc_ray.data.augment import augment_batch  # noqa: E402
 from aigc_ray.data.pipeline import ensure_prepared, load_split  # noqa: E402
 from aigc_ray.eval.featnet import load_or_train  # noqa: E402
@@ -93,6 +94,8 @@ def run_variant(name: str, base: str, overrides: dict, steps: int, seconds: floa
         metrics = domain_metrics(net, reference, fake, 0)
         metrics = {k: round(float(v), 5) for k, v in metrics.items() if k in REPORTED}
         metrics.update(step=step, train_s=round(elapsed, 1), fid_ratio=round(metrics["fid"] / floor["fid"], 3))
+        if fake.shape[1] == 3:
+            metrics.update(colourfulness=round(colourfulness(fake), 1), real_colourfulness=round(colourfulness(reference), 1))
         metrics["grid"] = grid_png(fake[:64])
         return metrics
 
@@ -122,7 +125,8 @@ def run_variant(name: str, base: str, overrides: dict, steps: int, seconds: floa
             train_s += time.perf_counter() - began
             if update_g and (g_steps in eval_at or train_s >= seconds):
                 history.append(score(g_steps, train_s))
-                print(f"  {name} step {g_steps} ({train_s:.0f} s): fid/floor {history[-1]['fid_ratio']}",
+                print(f"  {name} step {g_steps} ({train_s:.0f} s): fid/floor {history[-1]['fid_ratio']}"
+                      f" colourfulness {history[-1].get('colourfulness', '-')} (real {history[-1].get('real_colourfulness', '-')})",
                       file=sys.stderr, flush=True)
                 if g_steps >= steps or train_s >= seconds:
                     done = True

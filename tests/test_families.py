@@ -23,7 +23,8 @@ from aigc_ray.pipeline import GeneratorPipeline
 # reconstructs rather than samples (its grid once depended on the data path) and a conditional
 # one (labels through Ray Data). (A streamed case costs ~60-90 s on 2 cores against ~25 s.)
 FAMILIES = [(name, 0) for name in family_names()] + [
-    (name, 10) for name in family_names() if get_family(name).capabilities.conditional][:1]
+    (name, 10) for name in family_names() if get_family(name).capabilities.conditional][:1] + [
+    ("vae", 10)]  # the conditional VAE (its mixture prior per class) is a path of its own
 CASES = [(f, c, 512) for f, c in FAMILIES] + [(f, c, 0) for f, c in FAMILIES
                                               if c or not get_family(f).capabilities.generate]
 
@@ -47,7 +48,7 @@ def test_family_trains_samples_generates_and_serves(ray_session, tmp_path, data_
         cfg = tiny_config(tmp_path, family).with_overrides({
             "data.data_root": str(data_root), "data.cache_in_memory_mb": cache_mb, "model.num_classes": num_classes,
             "train.epochs": 2, "train.batch_size": 256, "train.checkpoint_every": 3, "train.name": "fam",
-            "eval.enabled": False})
+            "eval.enabled": False, **({"model.options.prior": "mixture"} if family == "vae" and num_classes else {})})
         checkpoint = run_training(cfg).checkpoint
     spec = get_family(family)
 
@@ -92,7 +93,11 @@ def test_unknown_family_is_refused_before_ray_with_the_registered_names(tmp_path
      "model.options.beta means nothing for model family 'dcgan'; families that take it: vae"),
     (["--config", "vae-digits", "--set", "train.lr_d=0.001"],
      "train.lr_d means nothing for model family 'vae'; families that use it:"),
-    (["--config", "vae-digits", "--set", "model.num_classes=10"], "model family 'vae' is not class-conditional"),
+    (["--config", "ae-digits", "--set", "model.num_classes=10"], "model family 'ae' is not class-conditional"),
+    (["--config", "vae-digits", "--set", "model.num_classes=10", "--set", "model.options.prior=fitted"],
+     "a class-conditional vae needs model.options.prior=mixture, not 'fitted'"),
+    (["--config", "vae-digits", "--set", "model.num_classes=10000", "--set", "model.latent_dim=64"],
+     "mixture_components=30 x model.num_classes=10000"),
 ])
 def test_a_key_that_means_nothing_for_the_family_is_an_error(tmp_path, capsys, argv, message):
     assert cli.main(["train", *argv, "--dry-run", "--out", str(tmp_path)]) == 2

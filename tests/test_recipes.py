@@ -247,3 +247,59 @@ def test_the_engine_trains_at_the_scaled_rates_and_a_resume_keeps_the_config_as_
     again = Engine(cfg, torch.device("cpu"))
     again.load_state_dict(engine.state_dict())
     assert again.opt_g.param_groups[0]["lr"] == pytest.approx(4e-4)
+
+
+def test_conditional_vae_mixture_fits_each_class_apart_and_samples_the_asked_class():
+    from aigc_ray.models.vae import VAE
+
+    # two classes, each with two clusters of encodings; the class's components must find its own
+    centres = torch.tensor([[[-6.0, 0.0], [6.0, 0.0]], [[0.0, -6.0], [0.0, 6.0]]])  # (class, cluster, d)
+    model = VAE(8, 1, 2, 8, mixture_components=2, num_classes=2)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(300):
+        labels = torch.randint(0, 2, (64,), generator=gen)
+        which = torch.randint(0, 2, (64,), generator=gen)
+        mu = centres[labels, which] + 0.3 * torch.randn(64, 2, generator=gen)
+        model._track_mixture(mu, torch.full((64, 2), -6.0), labels)
+    means = (model.mix_sum / model.mix_count[:, None]).view(2, 2, 2)  # (class, component, d)
+    for c in range(2):
+        found = torch.cdist(centres[c], means[c]).min(1).values
+        assert bool((found < 0.2).all()), f"class {c}'s components missed its clusters: {means[c]}"
+    # a sample of class c lands on one of class c's clusters, never the other class's
+    z = torch.randn(2000, 2, generator=gen)
+    asked = torch.arange(2000) % 2
+    latents = model._mixture_latents(z, asked)
+    nearest = torch.cdist(latents, centres.view(4, 2)).argmin(1) // 2  # the class of the nearest cluster
+    assert torch.equal(nearest, asked)
+    # reconstruction needs no label: an encoding's class is its nearest component's
+    probe = centres.view(4, 2)
+    assert model.nearest_class(probe).tolist() == [0, 0, 1, 1]
+    with pytest.raises(ValueError, match="needs labels"):
+        model.decode(torch.zeros(1, 2))
+
+
+def test_vae_chroma_gain_changes_how_colour_is_read_and_written_not_what_is_saved():
+    from aigc_ray.models.vae import VAE
+
+    torch.manual_seed(0)
+    plain = VAE(8, 3, 4, 8)
+    torch.manual_seed(0)
+    gained = VAE(8, 3, 4, 8, chroma_gain=3.0)
+    assert plain.state_dict().keys() == gained.state_dict().keys()  # the colour maps are not weights
+    gained.load_state_dict(plain.state_dict())
+    plain.eval(), gained.eval()
+    # the encoder reads opponent colour with the chroma scaled, the decoder writes it back to RGB
+    opponent = torch.tensor([[1.0, 1.0, 1.0], [1.0, -1.0, 0.0], [1.0, 1.0, -2.0]])
+    opponent = opponent / opponent.norm(dim=1, keepdim=True)
+    gain = torch.tensor([1.0, 3.0, 3.0])
+    images = torch.rand(2, 3, 8, 8) * 2 - 1
+    read = torch.einsum("oc,nchw->nohw", gain[:, None] * opponent, images)
+    assert torch.allclose(gained.encode(images)[0], plain.encode(read)[0], atol=1e-5)
+    z = torch.randn(2, 4)
+    written = torch.einsum("co,nohw->nchw", opponent.T * gain, plain.decode_logits(z))
+    assert torch.allclose(gained.decode_logits(z), written, atol=1e-5)
+    # a grey model has no chroma to scale: the option leaves it as it was
+    assert VAE(8, 1, 4, 8, chroma_gain=3.0).chroma_gain == 1.0
+    for bad in (0, -1, 1000, "x"):
+        with pytest.raises(ConfigError, match="model.options.chroma_gain"):
+            ModelConfig(family="vae", options={"chroma_gain": bad})

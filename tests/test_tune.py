@@ -75,7 +75,8 @@ def test_vae_metric_check_and_cli_rejects_before_starting(tmp_path, capsys):
 
 def test_shipped_specs_and_their_smoke_variants_are_valid():
     shipped = sorted(Path("tune").glob("*.yaml"))
-    assert {p.stem for p in shipped} >= {"dcgan_asha", "vae_asha", "dcgan_pbt", "sngan_asha", "digits_recipe_asha"}
+    assert {p.stem for p in shipped} >= {"dcgan_asha", "vae_asha", "dcgan_pbt", "sngan_asha", "digits_recipe_asha",
+                                           "shapes_recipe_asha"}
     for path in shipped:
         full = load_spec(path)
         smoke = load_spec(path, smoke=True)

@@ -75,6 +75,10 @@ class ModelFamily:
     def option_names(self) -> tuple[str, ...]:
         return tuple(f.name for f in dataclasses.fields(self.Options))
 
+    def check(self, model_cfg) -> None:
+        """Raise ConfigError for settings that are valid one by one but not together (e.g. an
+        option that needs model.num_classes). Called by ModelConfig, before anything is built."""
+
     def needs_double_backward(self, model_cfg) -> bool:
         """True when D's loss differentiates through D's input gradient (gradient penalty, R1):
         such a D is left out of torch.compile."""

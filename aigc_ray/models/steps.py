@@ -173,17 +173,18 @@ def hinge_step(G: nn.Module, D: nn.Module, opt_g, opt_d, real: torch.Tensor, lab
 
 
 def vae_step(model: nn.Module, opt, real: torch.Tensor, ctx: StepContext, beta: float,
-             recon_loss: str, variational: bool) -> dict[str, torch.Tensor]:
+             recon_loss: str, variational: bool, labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Negative ELBO: -E_q[log p(x|z)] + beta * KL(q(z|x) || N(0, I)), per image.
 
     Pixels are mapped to [0, 1]; bce is a Bernoulli likelihood on decoder logits, mse a
     Gaussian one with a fixed variance, sigma a Gaussian one with a learned shared variance.
-    The plain autoencoder (variational=False) drops the KL term.
+    The plain autoencoder (variational=False) drops the KL term. labels (N,): a class-conditional
+    VAE's classes (its decoder reads them), else None.
     """
     n = real.shape[0]
     target = (real + 1) / 2
     with ctx.cast():
-        logits, mu, logvar = model(real)
+        logits, mu, logvar = model(real, labels)
     logits, mu, logvar = logits.float(), mu.float(), logvar.float()
     if recon_loss == "bce":
         recon = F.binary_cross_entropy_with_logits(logits, target, reduction="sum") / n

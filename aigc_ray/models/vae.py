@@ -1,8 +1,8 @@
 """The `vae` family: a convolutional VAE (the plain autoencoder, family `ae`, reuses it).
 
 Encoder: (N, C, S, S) -> (N, width*2^k, 4, 4) -> mu, logvar (N, latent_dim) (the AE uses
-mu only). Decoder: z (N, latent_dim) -> pixel logits (N, C, S, S); ``decode`` returns
-images in [-1, 1]. Loss terms live in aigc_ray.train.steps.
+mu only). Decoder: z (N, latent_dim) [++ one-hot class (N, num_classes)] -> pixel logits
+(N, C, S, S); ``decode`` returns images in [-1, 1]. Loss terms live in aigc_ray.train.steps.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from aigc_ray.models.registry import Capabilities, ModelFamily, TrainNets, regis
 from aigc_ray.models.steps import vae_step
 
 RECON_LOSSES = ("bce", "mse", "sigma")
+MAX_MIXTURE_FLOATS = 2**25  # mix_outer and mix_scale, (C*K, d, d) each: 128 MiB apiece at most
 PRIORS = ("standard", "fitted", "mixture")
 PRIOR_MOMENTUM = 0.02  # per training batch: the fitted prior averages over the last ~50 batches
 
@@ -40,6 +41,7 @@ class Encoder(nn.Module):
 
 class Decoder(nn.Module):
     def __init__(self, image_size: int, channels: int, latent_dim: int, width: int):
+        """``latent_dim`` counts every input feature (a conditional VAE's one-hot class included)."""
         super().__init__()
         n_up = num_upsamplings(image_size)
         top = _channels(width, n_up - 1)
@@ -72,22 +74,42 @@ class VAE(nn.Module):
     mix_count (K,), mix_sum (K, d), mix_outer (K, d, d), mix_scale (K, d, d). A latent row picks
     its component from the fractional part of 1000 |z_0| (uniform to ~1e-3 and independent of the
     row's Gaussian shape), so one seed still gives one image and the graph exports to ONNX.
+
+    ``num_classes`` C > 0: class-conditional. The decoder reads the class as a one-hot vector
+    beside z, and the mixture has K components per class (C*K in all, class c owning components
+    c*K .. c*K+K-1), each fitted to the encodings of its class's images only; a sample draws a
+    component of the class it is asked for. The encoder does not see the class, so reconstruction
+    needs none: it takes the class of the encoding's nearest component. Why: an unconditional
+    mixture's samples fall between classes (hybrid shapes); per class, the encodings are far
+    simpler to fit (shapes: 47x the FID floor unconditional, 2-3x conditional, in the same steps).
     """
 
     def __init__(self, image_size: int, channels: int, latent_dim: int, width: int, variational: bool = True,
-                 fitted_prior: bool = False, mixture_components: int = 0):
+                 fitted_prior: bool = False, mixture_components: int = 0, num_classes: int = 0,
+                 chroma_gain: float = 1.0):
         super().__init__()
-        self.latent_dim, self.variational, self.num_classes = latent_dim, variational, 0
+        self.chroma_gain = chroma_gain if channels == 3 else 1.0
+        if self.chroma_gain != 1.0:
+            # opponent colour (luminance, red-green, yellow-blue; orthonormal), chroma scaled by the gain
+            opponent = torch.tensor([[1.0, 1.0, 1.0], [1.0, -1.0, 0.0], [1.0, 1.0, -2.0]])
+            opponent = opponent / opponent.norm(dim=1, keepdim=True)
+            gain = torch.tensor([1.0, chroma_gain, chroma_gain])
+            self.register_buffer("colour_in", gain[:, None] * opponent, persistent=False)  # RGB -> encoder input
+            self.register_buffer("colour_out", opponent.T * gain[None, :], persistent=False)  # decoder output -> RGB
+        self.latent_dim, self.variational, self.num_classes = latent_dim, variational, num_classes
         self.fitted_prior = fitted_prior and not mixture_components
         self.mixture_components = mixture_components
         self.encoder = Encoder(image_size, channels, latent_dim, width, variational)
-        self.decoder = Decoder(image_size, channels, latent_dim, width)
+        self.decoder = Decoder(image_size, channels, latent_dim + num_classes, width)
+        if num_classes:
+            # one-hot codes, scaled to about the encodings' spread (their std is ~2); not saved
+            self.register_buffer("class_codes", 2.0 * torch.eye(num_classes), persistent=False)
         if self.fitted_prior:
             self.register_buffer("prior_mean", torch.zeros(latent_dim))
             self.register_buffer("prior_cov", torch.eye(latent_dim))
             self.register_buffer("prior_scale", torch.eye(latent_dim))
         if mixture_components:
-            k = mixture_components
+            k = mixture_components * max(num_classes, 1)
             self.register_buffer("mix_count", torch.zeros(k))
             self.register_buffer("mix_sum", torch.zeros(k, latent_dim))
             self.register_buffer("mix_outer", torch.zeros(k, latent_dim, latent_dim))
@@ -96,46 +118,76 @@ class VAE(nn.Module):
 
     def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Return (mu, logvar); logvar is zeros for the plain autoencoder."""
+        if self.chroma_gain != 1.0:
+            images = torch.einsum("oc,nchw->nohw", self.colour_in, images)
         stats = self.encoder(images)
         if not self.variational:
             return stats, torch.zeros_like(stats)
         mu, logvar = stats.chunk(2, dim=1)
         return mu, logvar.clamp(-30.0, 20.0)
 
-    def decode_logits(self, z: torch.Tensor) -> torch.Tensor:
-        return self.decoder(z)
+    def decode_logits(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        if self.num_classes:
+            if labels is None:
+                raise ValueError("this VAE is class-conditional: decoding needs labels")
+            z = torch.cat([z, self.class_codes[labels]], 1)  # (N, latent_dim + num_classes)
+        logits = self.decoder(z)
+        if self.chroma_gain != 1.0:
+            logits = torch.einsum("co,nohw->nchw", self.colour_out, logits)
+        return logits
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.decoder(z)) * 2 - 1  # logits -> [-1, 1]
+    def decode(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        return torch.sigmoid(self.decode_logits(z, labels)) * 2 - 1  # logits -> [-1, 1]
 
-    def sample(self, z: torch.Tensor) -> torch.Tensor:
-        """Standard-normal latents (N, latent_dim) -> images in [-1, 1], through the fitted prior if any."""
+    def reconstruct(self, images: torch.Tensor) -> torch.Tensor:
+        """Images -> images through the encoder's mean (and, if conditional, its nearest class)."""
+        mu = self.encode(images)[0]
+        return self.decode(mu, self.nearest_class(mu) if self.num_classes else None)
+
+    def nearest_class(self, mu: torch.Tensor) -> torch.Tensor:
+        """(N, d) encodings -> (N,) the class of each one's nearest mixture component."""
+        count = self.mix_count.clamp_min(1e-8)
+        means = self.mix_sum / count[:, None]  # (C*K, d)
+        # squared distances, written out (torch.cdist has no ONNX export); (N, C*K)
+        dist = (mu.pow(2).sum(1, keepdim=True) - 2 * mu @ means.T + means.pow(2).sum(1)[None, :]
+                + 1e12 * (self.mix_count < 1e-3))  # components never fitted don't count
+        return torch.div(dist.argmin(1), self.mixture_components, rounding_mode="floor")
+
+    def sample(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Standard-normal latents (N, latent_dim) [+ labels (N,)] -> images in [-1, 1], through the
+        fitted prior if any."""
         if self.fitted_prior:
             z = self.prior_mean + z @ self.prior_scale.T
         elif self.mixture_components:
-            z = self._mixture_latents(z)
-        return self.decode(z)
+            z = self._mixture_latents(z, labels)
+        return self.decode(z, labels)
 
-    def _mixture_latents(self, z: torch.Tensor) -> torch.Tensor:
-        """Standard-normal (N, d) -> samples of the fitted mixture (N, d)."""
+    def _mixture_latents(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Standard-normal (N, d) [+ labels (N,)] -> samples of the fitted mixture (of the labels'
+        classes) (N, d)."""
+        k = self.mixture_components
         count = self.mix_count.clamp_min(1e-8)
-        weights = count / count.sum()  # (K,)
+        per_class = count.view(-1, k)  # (C, K); C = 1 when unconditional
+        weights = per_class / per_class.sum(1, keepdim=True)
+        cls = labels if self.num_classes else torch.zeros(z.shape[0], dtype=torch.long, device=z.device)
         scaled = z[:, :1].abs() * 1000
         u = scaled - torch.floor(scaled)  # (N, 1) ~ U(0, 1); not torch.frac, which ONNX lacks
-        component = (u > torch.cumsum(weights, 0)[None, :-1]).sum(1)  # (N,) in 0..K-1
+        within = (u > torch.cumsum(weights, 1)[cls][:, :-1]).sum(1)  # (N,) in 0..K-1
+        component = cls * k + within
         mean = self.mix_sum[component] / count[component, None]  # (N, d)
         scale = self.mix_scale[component]  # (N, d, d)
         return mean + (scale @ z[:, :, None])[:, :, 0]
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(self, images: torch.Tensor, labels: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Return (reconstruction logits, mu, logvar); z is sampled by reparameterisation."""
         mu, logvar = self.encode(images)
         if self.fitted_prior and self.training:
             self._track_prior(mu.detach().float(), logvar.detach().float())
         elif self.mixture_components and self.training:
-            self._track_mixture(mu.detach().float(), logvar.detach().float())
+            self._track_mixture(mu.detach().float(), logvar.detach().float(), labels)
         z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar) if self.variational else mu
-        return self.decode_logits(z), mu, logvar
+        return self.decode_logits(z, labels), mu, logvar
 
     @torch.no_grad()
     def _track_prior(self, mu: torch.Tensor, logvar: torch.Tensor) -> None:
@@ -152,15 +204,22 @@ class VAE(nn.Module):
 
 
     @torch.no_grad()
-    def _track_mixture(self, mu: torch.Tensor, logvar: torch.Tensor) -> None:
-        """One online hard-EM step on the batch's posterior means mu (N, d). No host sync."""
-        k, d = self.mixture_components, self.latent_dim
+    def _track_mixture(self, mu: torch.Tensor, logvar: torch.Tensor, labels: torch.Tensor | None = None) -> None:
+        """One online hard-EM step on the batch's posterior means mu (N, d) [of classes labels (N,)]:
+        each point goes to the nearest component of its own class. No host sync."""
+        k, d, n = self.mix_count.shape[0], self.latent_dim, mu.shape[0]
+        device = mu.device
+        cls = labels if self.num_classes else torch.zeros(n, dtype=torch.long, device=device)
+        owner = torch.div(torch.arange(k, device=device), self.mixture_components, rounding_mode="floor")  # (K,)
+        same = cls[None, :] == owner[:, None]  # (K, N): may component j take point i
         count = self.mix_count.clamp_min(1e-8)
         means = self.mix_sum / count[:, None]  # (K, d)
-        # an empty component (at the start, or one that lost its points) takes a batch point
-        seeds = mu[torch.arange(k, device=mu.device) % mu.shape[0]]
-        means = torch.where((self.mix_count < 1e-3)[:, None], seeds, means)
-        assign = torch.cdist(mu, means).argmin(1)  # (N,)
+        # an empty component (at the start, or one that lost its points) takes a batch point of its
+        # class, point j mod N for component j when the batch is all one class; none if it has none
+        rank = (torch.arange(n, device=device)[None, :] - torch.arange(k, device=device)[:, None]) % n
+        seeds = mu[(same * (n - rank)).argmax(1)]  # (K, d)
+        means = torch.where(((self.mix_count < 1e-3) & same.any(1))[:, None], seeds, means)
+        assign = (torch.cdist(mu, means) + 1e12 * ~same.T).argmin(1)  # (N,)
         onehot = torch.nn.functional.one_hot(assign, k).float()  # (N, K)
         var = logvar.exp()
         n_k = onehot.sum(0)  # (K,)
@@ -197,7 +256,12 @@ class VAEOptions:
     fitted to the encoded training images during training) or mixture (a mixture of
     mixture_components such Gaussians; see VAE)."""
     mixture_components: int = 10
-    """Components of the mixture prior (prior: mixture only)."""
+    """Components of the mixture prior (prior: mixture only); per class when model.num_classes > 0."""
+    chroma_gain: float = 1.0
+    """Colour images only: the encoder reads, and the decoder writes, opponent colour channels
+    (luminance, red-green, yellow-blue) with the two chroma channels scaled by this gain (1 = plain
+    RGB). The loss and the optimum are unchanged; the chroma, a small part of the images' variance,
+    is learned as early as the shapes instead of last."""
 
     def __post_init__(self) -> None:
         if not (isinstance(self.beta, (int, float)) and self.beta >= 0):
@@ -208,6 +272,8 @@ class VAEOptions:
         if not (isinstance(self.mixture_components, int) and 1 <= self.mixture_components <= 64):
             raise ConfigError(f"model.options.mixture_components must be an integer in 1..64, "
                               f"got {self.mixture_components!r}")
+        if not (isinstance(self.chroma_gain, (int, float)) and 0 < self.chroma_gain <= 100):
+            raise ConfigError(f"model.options.chroma_gain must be a number in (0, 100], got {self.chroma_gain!r}")
 
 
 class _AutoencoderFamily(ModelFamily):
@@ -217,7 +283,7 @@ class _AutoencoderFamily(ModelFamily):
         return model.encode(images)[0]
 
     def reconstruct(self, model: nn.Module, images: torch.Tensor) -> torch.Tensor:
-        return model.decode(self.encode(model, images))
+        return model.reconstruct(images)
 
 
 @register
@@ -225,19 +291,33 @@ class VAEFamily(_AutoencoderFamily):
     name = "vae"
     summary = "convolutional beta-VAE: negative ELBO with the closed-form Gaussian KL"
     Options = VAEOptions
-    capabilities = Capabilities(generate=True, reconstruct=True, conditional=False, adversarial=False)
+    capabilities = Capabilities(generate=True, reconstruct=True, conditional=True, adversarial=False)
     train_metrics = frozenset({"loss", "recon", "kl"})
     pbt_mutable_options = frozenset({"beta"})
+
+    def check(self, m) -> None:
+        o = m.opts
+        if m.num_classes and o.prior != "mixture":
+            # reconstruction finds an image's class from the mixture's per-class components
+            raise ConfigError(f"model.num_classes={m.num_classes}: a class-conditional vae needs "
+                              f"model.options.prior=mixture, not {o.prior!r}")
+        if o.prior == "mixture":
+            floats = o.mixture_components * max(m.num_classes, 1) * m.latent_dim**2
+            if floats > MAX_MIXTURE_FLOATS:
+                raise ConfigError(f"model.options.mixture_components={o.mixture_components} x model.num_classes="
+                                  f"{m.num_classes} x model.latent_dim^2={m.latent_dim}^2 is {floats:,} floats per "
+                                  f"mixture buffer; at most {MAX_MIXTURE_FLOATS:,}")
 
     def build(self, m) -> tuple[nn.Module, None]:
         o = m.opts
         return VAE(m.image_size, m.channels, m.latent_dim, m.width, variational=True,
                    fitted_prior=o.prior == "fitted",
-                   mixture_components=o.mixture_components if o.prior == "mixture" else 0), None
+                   mixture_components=o.mixture_components if o.prior == "mixture" else 0,
+                   num_classes=m.num_classes, chroma_gain=o.chroma_gain), None
 
     def train_step(self, nets: TrainNets, real, labels, ctx, update_g: bool) -> dict[str, torch.Tensor]:
         o = nets.model.opts
-        return vae_step(nets.G, nets.opt_g, real, ctx, o.beta, o.recon_loss, variational=True)
+        return vae_step(nets.G, nets.opt_g, real, ctx, o.beta, o.recon_loss, variational=True, labels=labels)
 
     def sample(self, model: nn.Module, z: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
-        return model.sample(z)
+        return model.sample(z, labels)
