@@ -22,11 +22,11 @@ from aigc_ray.pipeline import GeneratorPipeline
 # path (shard cache off) is the same code for every family, so two cases cover it: a family that
 # reconstructs rather than samples (its grid once depended on the data path) and a conditional
 # one (labels through Ray Data). (A streamed case costs ~60-90 s on 2 cores against ~25 s.)
-FAMILIES = [(name, 0) for name in family_names()] + [
-    (name, 10) for name in family_names() if get_family(name).capabilities.conditional][:1] + [
-    ("vae", 10)]  # the conditional VAE (its mixture prior per class) is a path of its own
+CONDITIONAL = [(name, 10) for name in family_names() if get_family(name).capabilities.conditional][:1]
+FAMILIES = [(name, 0) for name in family_names()] + CONDITIONAL + [
+    ("vae", 10)]  # the conditional VAE (its mixture prior per class) is a path of its own, in memory
 CASES = [(f, c, 512) for f, c in FAMILIES] + [(f, c, 0) for f, c in FAMILIES
-                                              if c or not get_family(f).capabilities.generate]
+                                              if (f, c) in CONDITIONAL or not get_family(f).capabilities.generate]
 
 
 # The session's tiny dcgan and vae runs (conftest), which the CLI and serving tests load too, are
