@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import grpc
@@ -62,15 +63,24 @@ def test_serve_behind_haproxy_answers_http_and_grpc_from_the_replica(trained_che
         assert len(reply.images) == 1 and reply.images[0] == base64.b64decode(r.json()["images"][0])
         assert httpx.get(f"http://127.0.0.1:{http_port}/healthz", timeout=30).json()["status"] == "ok"
 
-        # HAProxy's own count: the requests reached the replica's servers, not Ray's proxy (its backup)
-        table = httpx.get(f"http://127.0.0.1:{stats_port}/stats;csv", timeout=30).text.lstrip("# ")
-        sessions: dict[str, int] = {}
-        for row in csv.DictReader(io.StringIO(table)):
-            role = "replica" if row["svname"].startswith("SERVE_REPLICA") else \
-                "proxy" if row["svname"].startswith("SERVE_PROXY_ACTOR") else None
-            if role:
-                sessions[role] = sessions.get(role, 0) + int(row["stot"] or 0)
-        assert sessions.get("replica", 0) >= 3 and sessions.get("proxy", 0) == 0, sessions
+        # HAProxy's own count: requests reach the replica's servers, not Ray's proxy (its backup).
+        # Ray reloads HAProxy (a new process, `-sf`) when the replica set's state changes, and the new
+        # process counts from zero, so ask again (one more request each time) until a count shows
+        deadline, sessions = time.monotonic() + 60, {}
+        while time.monotonic() < deadline:
+            table = httpx.get(f"http://127.0.0.1:{stats_port}/stats;csv", timeout=30).text.lstrip("# ")
+            sessions = {}
+            for row in csv.DictReader(io.StringIO(table)):
+                role = "replica" if row["svname"].startswith("SERVE_REPLICA") else \
+                    "proxy" if row["svname"].startswith("SERVE_PROXY_ACTOR") else None
+                if role:
+                    sessions[role] = sessions.get(role, 0) + int(row["stot"] or 0)
+            if sessions.get("replica", 0) >= 1:
+                break
+            assert httpx.post(f"http://127.0.0.1:{http_port}/v1/generate", json={"num_images": 1, "seed": 5},
+                              timeout=60).status_code == 200
+            time.sleep(1)
+        assert sessions.get("replica", 0) >= 1 and sessions.get("proxy", 0) == 0, f"{sessions}\n{''.join(lines[-20:])}"
     finally:
         proc.send_signal(signal.SIGINT)  # as Ctrl-C: Serve and its Ray shut down
         try:
