@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import threading
 import time
+import warnings
 from types import SimpleNamespace
 
 import pytest
@@ -39,13 +40,26 @@ def hog(ray_session):
     groups = []
 
     def make(free: float):
+        # Size the hog from what is free, not from the total: a placement group that an earlier
+        # test's Train run left behind (seen in CI: a TrainController and its 1-CPU group, still
+        # alive after their sweep ended) would otherwise leave this test no room for the hog, or
+        # for the trial that should start. Such a leftover is still reported, as a warning.
         total = ray_session.cluster_resources()["CPU"]
-        pg = placement_group([{"CPU": total - free}])
+        deadline = time.monotonic() + 30  # a just-ended run's resources come back within seconds
+        while (available := ray_session.available_resources().get("CPU", 0.0)) < total and time.monotonic() < deadline:
+            time.sleep(0.5)
+        if available < total:
+            from ray.util.state import list_actors
+
+            alive = sorted(a.class_name for a in list_actors(filters=[("state", "=", "ALIVE")]))
+            warnings.warn(f"an earlier test left {total - available:g} CPU held (live actors: {alive}); "
+                          f"the hog leaves {free:g} of the {available:g} free")
+        pg = placement_group([{"CPU": available - free}])
         if not pg.wait(60):  # an earlier test left something running: say what
             from ray.util.state import list_actors
 
             alive = sorted(a.class_name for a in list_actors(filters=[("state", "=", "ALIVE")]))
-            pytest.fail("the hog could not be placed: " + describe_wait({"CPU": total - free}, "the hog")
+            pytest.fail("the hog could not be placed: " + describe_wait({"CPU": available - free}, "the hog")
                         + f"; live actors: {alive}")
         groups.append(pg)
         return pg
