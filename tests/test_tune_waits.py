@@ -32,6 +32,12 @@ def test_first_batch_within_passes_batches_and_bounds_only_the_first():
     never.set()
 
 
+def _live_actors() -> list[str]:
+    from ray.util.state import list_actors
+
+    return sorted(a.class_name for a in list_actors(filters=[("state", "=", "ALIVE")]))
+
+
 @pytest.fixture
 def hog(ray_session):
     """A placement group holding all but ``free`` CPUs: what a stopped trial's leaked workers did."""
@@ -49,18 +55,12 @@ def hog(ray_session):
         while (available := ray_session.available_resources().get("CPU", 0.0)) < total and time.monotonic() < deadline:
             time.sleep(0.5)
         if available < total:
-            from ray.util.state import list_actors
-
-            alive = sorted(a.class_name for a in list_actors(filters=[("state", "=", "ALIVE")]))
-            warnings.warn(f"an earlier test left {total - available:g} CPU held (live actors: {alive}); "
+            warnings.warn(f"an earlier test left {total - available:g} CPU held (live actors: {_live_actors()}); "
                           f"the hog leaves {free:g} of the {available:g} free")
         pg = placement_group([{"CPU": available - free}])
         if not pg.wait(60):  # an earlier test left something running: say what
-            from ray.util.state import list_actors
-
-            alive = sorted(a.class_name for a in list_actors(filters=[("state", "=", "ALIVE")]))
             pytest.fail("the hog could not be placed: " + describe_wait({"CPU": available - free}, "the hog")
-                        + f"; live actors: {alive}")
+                        + f"; live actors: {_live_actors()}")
         groups.append(pg)
         return pg
 

@@ -162,6 +162,12 @@ class VAE(nn.Module):
             z = self._mixture_latents(z, labels)
         return self.decode(z, labels)
 
+    def _classes(self, labels: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor:
+        """(N,) each row's class: the labels when conditional, else 0 (the one class of the mixture)."""
+        if self.num_classes:
+            return labels
+        return torch.zeros(rows.shape[0], dtype=torch.long, device=rows.device)
+
     def _mixture_latents(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """Standard-normal (N, d) [+ labels (N,)] -> samples of the fitted mixture (of the labels'
         classes) (N, d)."""
@@ -169,7 +175,7 @@ class VAE(nn.Module):
         count = self.mix_count.clamp_min(1e-8)
         per_class = count.view(-1, k)  # (C, K); C = 1 when unconditional
         weights = per_class / per_class.sum(1, keepdim=True)
-        cls = labels if self.num_classes else torch.zeros(z.shape[0], dtype=torch.long, device=z.device)
+        cls = self._classes(labels, z)
         scaled = z[:, :1].abs() * 1000
         u = scaled - torch.floor(scaled)  # (N, 1) ~ U(0, 1); not torch.frac, which ONNX lacks
         within = (u > torch.cumsum(weights, 1)[cls][:, :-1]).sum(1)  # (N,) in 0..K-1
@@ -209,7 +215,7 @@ class VAE(nn.Module):
         each point goes to the nearest component of its own class. No host sync."""
         k, d, n = self.mix_count.shape[0], self.latent_dim, mu.shape[0]
         device = mu.device
-        cls = labels if self.num_classes else torch.zeros(n, dtype=torch.long, device=device)
+        cls = self._classes(labels, mu)
         owner = torch.div(torch.arange(k, device=device), self.mixture_components, rounding_mode="floor")  # (K,)
         same = cls[None, :] == owner[:, None]  # (K, N): may component j take point i
         count = self.mix_count.clamp_min(1e-8)
