@@ -44,7 +44,7 @@ OLD_SHAPES = {"model.latent_dim": 64, "model.width": 32, "data.horizontal_flip":
 SHAPES_DATA = {"data.dataset": "shapes", "data.image_size": 32, "data.channels": 3, "data.rotation_degrees": 0.0,
                "data.horizontal_flip": True, "model.image_size": 32, "model.channels": 3}
 REPORTED = ("fid", "fid_floor", "fid_ratio", "kid", "kid_floor", "precision", "recall", "inception_score",
-            "class_coverage", "mode_entropy")
+            "class_coverage", "mode_entropy", "class_accuracy")
 
 
 def experiment(model: str, dataset: str, steps: int, num_samples: int, root: str, name: str):

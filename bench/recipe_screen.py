@@ -26,8 +26,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from aigc_ray.config import load_config  # noqa: E402
 from real_vs_generated import colourfulness  # noqa: E402 (bench/, beside this script)
+
+from aigc_ray.config import load_config  # noqa: E402
 from aigc_ray.data.augment import augment_batch  # noqa: E402
 from aigc_ray.data.pipeline import ensure_prepared, load_split  # noqa: E402
 from aigc_ray.eval.featnet import load_or_train  # noqa: E402
@@ -39,7 +40,7 @@ from aigc_ray.pipeline import grid_png, to_uint8  # noqa: E402
 from aigc_ray.train.engine import lr_scale, set_learning_rate  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
-REPORTED = ("fid", "kid", "precision", "recall", "class_coverage", "mode_entropy")
+REPORTED = ("fid", "kid", "precision", "recall", "class_coverage", "mode_entropy", "class_accuracy")
 
 
 def _pick(images: torch.Tensor, n: int, seed: int) -> torch.Tensor:
@@ -91,7 +92,7 @@ def run_variant(name: str, base: str, overrides: dict, steps: int, seconds: floa
                                                       None if labels_eval is None else labels_eval[i:i + 500]))
                               for i in range(0, n, 500)])
         model.train()
-        metrics = domain_metrics(net, reference, fake, 0)
+        metrics = domain_metrics(net, reference, fake, 0, fake_labels=labels_eval)
         metrics = {k: round(float(v), 5) for k, v in metrics.items() if k in REPORTED}
         metrics.update(step=step, train_s=round(elapsed, 1), fid_ratio=round(metrics["fid"] / floor["fid"], 3))
         if fake.shape[1] == 3:
@@ -125,8 +126,10 @@ def run_variant(name: str, base: str, overrides: dict, steps: int, seconds: floa
             train_s += time.perf_counter() - began
             if update_g and (g_steps in eval_at or train_s >= seconds):
                 history.append(score(g_steps, train_s))
-                print(f"  {name} step {g_steps} ({train_s:.0f} s): fid/floor {history[-1]['fid_ratio']}"
-                      f" colourfulness {history[-1].get('colourfulness', '-')} (real {history[-1].get('real_colourfulness', '-')})",
+                last = history[-1]
+                print(f"  {name} step {g_steps} ({train_s:.0f} s): fid/floor {last['fid_ratio']}"
+                      f" class accuracy {last.get('class_accuracy', '-')}"
+                      f" colourfulness {last.get('colourfulness', '-')} (real {last.get('real_colourfulness', '-')})",
                       file=sys.stderr, flush=True)
                 if g_steps >= steps or train_s >= seconds:
                     done = True

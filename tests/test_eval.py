@@ -67,6 +67,30 @@ def test_card_round_trips_and_reads_as_ratios(tmp_path, data_root):
     assert again["fid"] == result["fid"]  # same seed, same numbers
 
 
+def test_class_accuracy_counts_the_class_asked_for(tmp_path, data_root):
+    _, prepared = _prepared(tmp_path, data_root)
+    net, _ = load_or_train(prepared)
+    (train, _), (test, labels) = load_split(prepared, "train"), load_split(prepared, "test")
+    reference = _pick(train, len(test), 0)
+    right = domain_metrics(net, reference, test, fake_labels=labels)
+    wrong = domain_metrics(net, reference, test, fake_labels=(labels + 1) % 10)  # every image "asked" as another digit
+    assert right["class_accuracy"] > 0.8 > 0.2 > wrong["class_accuracy"]
+    assert "class_accuracy" not in domain_metrics(net, reference, test)  # no labels asked: nothing to count
+
+    # on the card: a conditional generator is scored on it (floor: the net on held-out digits with their
+    # own labels; ceiling: the untrained generator, near chance); an unconditional one is not
+    cfg = tiny_config(tmp_path).with_overrides({"data.data_root": str(data_root), "model.num_classes": 10})
+    card = evaluate_checkpoint(_untrained_checkpoint(tmp_path / "cond", cfg, prepared), num_samples=200,
+                               write_card=False, dataset=prepared)["card"]
+    assert card["floor"]["class_accuracy"] > 0.8 > 0.4 > card["ceiling"]["class_accuracy"]
+    assert card["metrics"]["class_accuracy"] < 0.4  # untrained: it draws no digit on request
+    assert card["ratio"]["class_accuracy"] == card["metrics"]["class_accuracy"] / card["floor"]["class_accuracy"]
+    cfg = tiny_config(tmp_path).with_overrides({"data.data_root": str(data_root)})
+    card = evaluate_checkpoint(_untrained_checkpoint(tmp_path / "uncond", cfg, prepared), num_samples=200,
+                               write_card=False, dataset=prepared)["card"]
+    assert "class_accuracy" not in card["metrics"] and "class_accuracy" in card["floor"]
+
+
 def test_unlabelled_dataset_falls_back_to_autoencoder_features(tmp_path, data_root, capsys):
     prepared = _prepared(tmp_path, data_root)[1]  # (prepare splits by pixel hash: take images of both splits)
     images = torch.cat([load_split(prepared, "train")[0][:240], load_split(prepared, "test")[0][:60]])

@@ -56,7 +56,7 @@ def hog(ray_session):
             time.sleep(0.5)
         if available < total:
             warnings.warn(f"an earlier test left {total - available:g} CPU held (live actors: {_live_actors()}); "
-                          f"the hog leaves {free:g} of the {available:g} free")
+                          f"the hog leaves {free:g} of the {available:g} free", stacklevel=2)
         pg = placement_group([{"CPU": available - free}])
         if not pg.wait(60):  # an earlier test left something running: say what
             pytest.fail("the hog could not be placed: " + describe_wait({"CPU": available - free}, "the hog")

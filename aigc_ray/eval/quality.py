@@ -65,10 +65,13 @@ def net_outputs(net: FeatureNet, images: torch.Tensor) -> tuple[torch.Tensor, to
 
 
 def domain_metrics(net: FeatureNet, real: torch.Tensor, fake: torch.Tensor, seed: int = 0, *,
-                   real_outputs: tuple[torch.Tensor, torch.Tensor | None] | None = None) -> dict[str, float]:
+                   real_outputs: tuple[torch.Tensor, torch.Tensor | None] | None = None,
+                   fake_labels: torch.Tensor | None = None) -> dict[str, float]:
     """All metrics of ``fake`` against ``real`` (both uint8 (N, C, S, S)) through ``net``.
     ``real_outputs``: ``net_outputs(net, real)`` when the caller already has them (the reference
-    set is the same for every evaluation of a run)."""
+    set is the same for every evaluation of a run). ``fake_labels`` (N,): the class each fake
+    image should show (what a conditional generator was asked for; a real image's own label),
+    which adds class_accuracy when ``net`` is a classifier."""
     n = min(len(real), len(fake))
     real_feats, _ = real_outputs or net_outputs(net, real)
     fake_feats, fake_logits = net_outputs(net, fake)
@@ -89,6 +92,10 @@ def domain_metrics(net: FeatureNet, real: torch.Tensor, fake: torch.Tensor, seed
         out["precision"], out["recall"] = precision_recall(real_feats.double(), fake_feats.double())
         if fake_logits is not None:
             out.update(classifier_scores(fake_logits.softmax(1).double()))
+            if fake_labels is not None:
+                # how often the classifier names the class asked for: the FID cannot tell a clean
+                # square from a square-ish blob drawn in the right proportion, this can
+                out["class_accuracy"] = float((fake_logits.argmax(1) == fake_labels).double().mean())
     return out
 
 
@@ -145,10 +152,11 @@ def locate_dataset(meta: dict, dataset: str | None = None, data_root: str | None
                      "--dataset DIR (the directory `aigc-ray prepare` wrote for it) or --data-root")
 
 
-def _split(prepared: str, split: str) -> torch.Tensor:
+def _split(prepared: str, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 (N, C, S, S) images and int64 (N,) labels."""
     key = ("split", prepared, split)
     if key not in _cache:
-        _cache[key] = load_split(prepared, split)[0]
+        _cache[key] = load_split(prepared, split)
     return _cache[key]
 
 
@@ -156,11 +164,17 @@ def _pick(images: torch.Tensor, n: int, seed: int) -> torch.Tensor:
     return images[torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:n]]
 
 
+def _sample_labels(pipe: GeneratorPipeline, n: int) -> torch.Tensor | None:
+    """(n,) the class asked for per sample of a conditional generator (cycling 0..C-1), else None."""
+    return (torch.arange(n) % pipe.num_classes) if pipe.num_classes and pipe.can_generate else None
+
+
 def _sample(pipe: GeneratorPipeline, n: int, seed: int, held_out: torch.Tensor) -> torch.Tensor:
     if not pipe.can_generate:  # no prior to sample (a plain autoencoder): score reconstructions of held-out images
         return torch.cat([pipe.reconstruct(b) for b in held_out.split(512)])
     z = torch.randn(n, pipe.latent_dim, generator=torch.Generator().manual_seed(seed)).to(pipe.device)
-    labels = (torch.arange(n, device=pipe.device) % pipe.num_classes) if pipe.num_classes else None
+    labels = _sample_labels(pipe, n)
+    labels = None if labels is None else labels.to(pipe.device)
     # a progress bar on a terminal (`aigc-ray eval`); none in a Ray task's log (disable=None: not a TTY)
     starts = tqdm(range(0, n, 512), desc="sampling", unit="batch", disable=None, leave=False)
     chunks = [pipe.decode(z[i:i + 512], None if labels is None else labels[i:i + 512]) for i in starts]
@@ -184,7 +198,7 @@ def score_checkpoint(checkpoint_dir: str, num_samples: int | None = None, seed: 
         raise ValueError(f"dataset: {prepared} has {manifest['counts']} images per split; the comparison needs "
                          "at least 2 in each (the test split is the floor's held-out data)")
     net, info = load_or_train(prepared, seed=FEATNET_SEED)
-    train, test = _split(prepared, "train"), _split(prepared, "test")
+    (train, _), (test, test_labels) = _split(prepared, "train"), _split(prepared, "test")
     n = min(requested, len(train), len(test))
     reference, held_out = _pick(train, n, seed), _pick(test, n, seed + 1)
 
@@ -194,18 +208,25 @@ def score_checkpoint(checkpoint_dir: str, num_samples: int | None = None, seed: 
     if key not in _cache:  # the same images through the same net in every evaluation of a run
         _cache[key] = net_outputs(net, reference)
     real_outputs = _cache[key]
-    metrics = domain_metrics(net, reference, _sample(pipe, n, seed, held_out), seed, real_outputs=real_outputs)
+    # a conditional generator's classes are the dataset's (training checks the count): class_accuracy
+    # asks how often the feature net names the class asked for; its floor is the net's own accuracy on
+    # the held-out images, its ceiling the untrained generator's (chance)
+    asked = _sample_labels(pipe, n) if net.kind == "classifier" and pipe.num_classes == net.num_classes else None
+    metrics = domain_metrics(net, reference, _sample(pipe, n, seed, held_out), seed, real_outputs=real_outputs,
+                             fake_labels=asked)
 
     key = ("floor", manifest["content_hash"], n, seed)
     if key not in _cache:
-        _cache[key] = domain_metrics(net, reference, held_out, seed, real_outputs=real_outputs)
+        _cache[key] = domain_metrics(net, reference, held_out, seed, real_outputs=real_outputs,
+                                     fake_labels=_pick(test_labels, n, seed + 1) if net.kind == "classifier" else None)
     floor = _cache[key]
     key = ("ceiling", manifest["content_hash"], n, seed, json.dumps(meta["model"], sort_keys=True))
     if key not in _cache:
         torch.manual_seed(seed)
         untrained = build_generator(model_config(meta)).eval()
         _cache[key] = domain_metrics(net, reference, _sample(GeneratorPipeline(untrained, meta, "untrained"),
-                                                             n, seed, held_out), seed, real_outputs=real_outputs)
+                                                             n, seed, held_out), seed, real_outputs=real_outputs,
+                                     fake_labels=asked)
     ceiling = _cache[key]
 
     # value / floor; none where the floor isn't a positive distance-like number (KID's unbiased
