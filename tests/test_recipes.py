@@ -271,11 +271,23 @@ def test_conditional_vae_mixture_fits_each_class_apart_and_samples_the_asked_cla
     latents = model._mixture_latents(z, asked)
     nearest = torch.cdist(latents, centres.view(4, 2)).argmin(1) // 2  # the class of the nearest cluster
     assert torch.equal(nearest, asked)
-    # reconstruction needs no label: an encoding's class is its nearest component's
-    probe = centres.view(4, 2)
-    assert model.nearest_class(probe).tolist() == [0, 0, 1, 1]
     with pytest.raises(ValueError, match="needs labels"):
         model.decode(torch.zeros(1, 2))
+
+
+def test_conditional_vae_reconstructs_with_the_class_that_reproduces_the_image():
+    from aigc_ray.models.vae import VAE
+
+    torch.manual_seed(0)
+    model = VAE(8, 1, 4, 8, mixture_components=2, num_classes=3).eval()
+    images = torch.rand(6, 1, 8, 8) * 2 - 1
+    with torch.no_grad():
+        mu = model.encode(images)[0]
+        by_class = torch.stack([model.decode(mu, torch.full((6,), c)) for c in range(3)], 1)  # (6, 3, 1, 8, 8)
+        best = (by_class - images[:, None]).pow(2).flatten(2).mean(2).argmin(1)
+        assert torch.equal(model.decode_every_class(mu), by_class)
+        assert len(set(best.tolist())) > 1  # the rows do not all pick one class, so the choice is per image
+        assert torch.equal(model.reconstruct(images), by_class[torch.arange(6), best])
 
 
 def test_vae_chroma_gain_changes_how_colour_is_read_and_written_not_what_is_saved():
