@@ -361,7 +361,7 @@ def check_family_keys(cfg: ExperimentConfig, given: Any) -> None:
     for dotted in given:
         section, _, key = dotted.partition(".")
         users = [f.name for f in _FAMILIES.values() if key in f.train_keys]
-        _check(section != "train" or not users or key in family.train_keys,
+        _check(section != "train" or not users or key in family.train_keys_for(cfg.model),
                f"{dotted} means nothing for model family {family.name!r}; families that use it: {', '.join(users)}")
 
 

@@ -1,6 +1,8 @@
 """The small-data recipes: DiffAugment, the sngan family (spectral norm, hinge, R1), the VAE's
 learned-variance likelihood and fitted prior. Pure torch, tiny shapes, no Ray."""
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -315,3 +317,49 @@ def test_vae_chroma_gain_changes_how_colour_is_read_and_written_not_what_is_save
     for bad in (0, -1, 1000, "x"):
         with pytest.raises(ConfigError, match="model.options.chroma_gain"):
             ModelConfig(family="vae", options={"chroma_gain": bad})
+
+
+def test_vae_adversarial_term_trains_a_discriminator_on_reconstructions_and_sizes_itself(tmp_path):
+    from aigc_ray.config import ExperimentConfig
+    from aigc_ray.models.sngan import SNDiscriminator
+
+    cfg = ExperimentConfig.from_dict({"data": {"image_size": 8}, "model": {
+        "family": "vae", "image_size": 8, "latent_dim": 4, "width": 8, "num_classes": 2,
+        "options": {"prior": "mixture", "mixture_components": 2, "adversarial_weight": 0.5}}})
+    family = get_family("vae")
+    assert family.build(ModelConfig(family="vae", image_size=8, latent_dim=4, width=8))[1] is None  # off by default
+    torch.manual_seed(0)
+    G, D = family.build(cfg.model)
+    assert isinstance(D, SNDiscriminator) and D.label_projection is not None  # conditional, as the VAE is
+    opt_g, opt_d = torch.optim.Adam(G.parameters(), 1e-3), torch.optim.Adam(D.parameters(), 1e-3)
+    nets = TrainNets(G, D, opt_g, opt_d, cfg.model, cfg.train)
+    real, labels = torch.rand(6, 1, 8, 8) * 2 - 1, torch.tensor([0, 1, 0, 1, 0, 1])
+    before_g, before_d = [p.detach().clone() for p in G.parameters()], [p.detach().clone() for p in D.parameters()]
+    out = family.train_step(nets, real, labels, StepContext(), True)
+    assert set(out) == family.train_metrics | family.adversarial_metrics
+    assert all(torch.isfinite(v) for v in out.values()) and out["adversarial_lambda"] > 0
+    assert all(not torch.equal(a, b) for a, b in zip(before_d, D.parameters()) if a.numel() > 1)  # D learned
+    assert any(not torch.equal(a, b) for a, b in zip(before_g, G.parameters()))
+    # lambda scales the term by the ratio of the two losses' gradients at the decoder's last layer:
+    # doubling the weight doubles lambda for the same state
+    from aigc_ray.models.steps import vae_adversarial_step
+
+    state_g, state_d = copy.deepcopy(G.state_dict()), copy.deepcopy(D.state_dict())
+    lambdas = []
+    for weight in (0.5, 1.0):
+        G.load_state_dict(state_g), D.load_state_dict(state_d)
+        torch.manual_seed(1)
+        lambdas.append(vae_adversarial_step(G, D, torch.optim.SGD(G.parameters(), 0.0), torch.optim.SGD(D.parameters(), 0.0),
+                                            real, StepContext(), 0.25, "sigma", weight, G.decoder.net[-1].weight,
+                                            labels)["adversarial_lambda"])
+    assert torch.allclose(lambdas[1], 2 * lambdas[0])
+    # train.lr_d means something for the VAE only with the term on; bad weights are refused
+    path = tmp_path / "c.yaml"
+    path.write_text("model: {family: vae, options: {adversarial_weight: 0.5}}\ntrain: {lr_d: 0.001}\n")
+    assert load_config(str(path)).train.lr_d == 0.001
+    path.write_text("model: {family: vae}\ntrain: {lr_d: 0.001}\n")
+    with pytest.raises(ConfigError, match="train.lr_d means nothing for model family 'vae'"):
+        load_config(str(path))
+    for bad in (-0.1, 11, "x"):
+        with pytest.raises(ConfigError, match="model.options.adversarial_weight"):
+            ModelConfig(family="vae", options={"adversarial_weight": bad})

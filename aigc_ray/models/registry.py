@@ -71,6 +71,11 @@ class ModelFamily:
         """Train settings beyond the ones every family uses."""
         return frozenset({"lr_d", "critic_steps"}) if self.capabilities.adversarial else frozenset()
 
+    def train_keys_for(self, model_cfg) -> frozenset[str]:
+        """train_keys for this model config: a family whose discriminator is optional (the VAE's
+        adversarial term) takes train.lr_d only when it has one."""
+        return self.train_keys
+
     @property
     def option_names(self) -> tuple[str, ...]:
         return tuple(f.name for f in dataclasses.fields(self.Options))

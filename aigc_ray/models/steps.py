@@ -172,6 +172,19 @@ def hinge_step(G: nn.Module, D: nn.Module, opt_g, opt_d, real: torch.Tensor, lab
     return out
 
 
+def _recon_loss(logits: torch.Tensor, target: torch.Tensor, recon_loss: str) -> torch.Tensor:
+    """-log p(x|z) summed over the batch. logits, target: (N, C, S, S), target in [0, 1]."""
+    if recon_loss == "bce":
+        return F.binary_cross_entropy_with_logits(logits, target, reduction="sum")
+    if recon_loss == "sigma":
+        # Gaussian NLL per image with one variance for all pixels at its optimum, the batch's mean
+        # squared error (held constant in the gradient): sum (x - x')^2 / (2 s^2) + D log s, per image
+        squared = (torch.sigmoid(logits) - target).pow(2)
+        variance = squared.detach().mean().clamp_min(1e-6)
+        return squared.sum() / (2 * variance) + 0.5 * squared.numel() * variance.log()
+    return F.mse_loss(torch.sigmoid(logits), target, reduction="sum")
+
+
 def vae_step(model: nn.Module, opt, real: torch.Tensor, ctx: StepContext, beta: float,
              recon_loss: str, variational: bool, labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Negative ELBO: -E_q[log p(x|z)] + beta * KL(q(z|x) || N(0, I)), per image.
@@ -186,19 +199,50 @@ def vae_step(model: nn.Module, opt, real: torch.Tensor, ctx: StepContext, beta: 
     with ctx.cast():
         logits, mu, logvar = model(real, labels)
     logits, mu, logvar = logits.float(), mu.float(), logvar.float()
-    if recon_loss == "bce":
-        recon = F.binary_cross_entropy_with_logits(logits, target, reduction="sum") / n
-    elif recon_loss == "sigma":
-        # Gaussian NLL per image with one variance for all pixels at its optimum, the batch's mean
-        # squared error (held constant in the gradient): sum (x - x')^2 / (2 s^2) + D log s
-        squared = (torch.sigmoid(logits) - target).pow(2)
-        variance = squared.detach().mean().clamp_min(1e-6)
-        recon = (squared.sum() / (2 * variance)) / n + 0.5 * squared[0].numel() * variance.log()
-    else:
-        recon = F.mse_loss(torch.sigmoid(logits), target, reduction="sum") / n
+    recon = _recon_loss(logits, target, recon_loss) / n
     kl = (-0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).sum()) / n if variational else torch.zeros((), device=real.device)
     loss = recon + beta * kl
     opt.zero_grad(set_to_none=True)
     ctx.backward_step(loss, opt)
     ctx.end_batch()
     return {"loss": loss.detach(), "recon": recon.detach(), "kl": kl.detach()}
+
+
+def vae_adversarial_step(model: nn.Module, D: nn.Module, opt, opt_d, real: torch.Tensor, ctx: StepContext,
+                         beta: float, recon_loss: str, adversarial_weight: float, last_layer: torch.Tensor,
+                         labels: torch.Tensor | None = None, augment: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+    """The VAE's negative ELBO plus a hinge adversarial term on its reconstructions (VAE-GAN, Larsen
+    et al. 2016, weighted as in VQGAN, Esser et al. 2021).
+
+    D (hinge, on DiffAugmented images): E[relu(1 - D(T(x)))] + E[relu(1 + D(T(x')))], x' the
+    reconstruction of x from a sampled z. The model: ELBO - lambda * E[D(T(x'))], with
+    lambda = adversarial_weight * ||grad_w recon|| / ||grad_w adv|| at ``last_layer`` (the decoder's
+    output weight): the term is sized against the reconstruction loss whatever the likelihood's
+    scale, and pushes towards edges the data has where a Gaussian or Bernoulli mean blurs them.
+    """
+    aug = augmenter(augment)
+    n = real.shape[0]
+    target = (real + 1) / 2
+    with ctx.cast():
+        logits, mu, logvar = model(real, labels)
+    logits, mu, logvar = logits.float(), mu.float(), logvar.float()
+    recon = _recon_loss(logits, target, recon_loss) / n
+    kl = (-0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).sum()) / n
+    fake = torch.sigmoid(logits) * 2 - 1  # (N, C, S, S) in [-1, 1]
+    with ctx.cast():
+        d_real, d_fake = D(aug(real), labels), D(aug(fake.detach()), labels)
+        loss_d = F.relu(1 - d_real.float()).mean() + F.relu(1 + d_fake.float()).mean()
+    opt_d.zero_grad(set_to_none=True)
+    ctx.backward_step(loss_d, opt_d)
+    with _no_sync(D), ctx.cast():
+        adv = -D(aug(fake), labels).float().mean()
+    g_recon = torch.autograd.grad(recon, last_layer, retain_graph=True)[0]
+    g_adv = torch.autograd.grad(adv, last_layer, retain_graph=True)[0]
+    weight = adversarial_weight * (g_recon.norm() / (g_adv.norm() + 1e-4)).clamp(0, 1e4).detach()
+    loss = recon + beta * kl + weight * adv
+    opt.zero_grad(set_to_none=True)
+    ctx.backward_step(loss, opt, only_own_grads=True)
+    ctx.end_batch()
+    return {"loss": loss.detach(), "recon": recon.detach(), "kl": kl.detach(), "loss_d": loss_d.detach(),
+            "d_real": d_real.detach().float().mean(), "d_fake": d_fake.detach().float().mean(),
+            "adversarial_lambda": weight}

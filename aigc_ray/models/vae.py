@@ -15,12 +15,14 @@ from torch import nn
 from aigc_ray.config import ConfigError
 from aigc_ray.models.dcgan import _channels, init_weights, num_upsamplings
 from aigc_ray.models.registry import Capabilities, ModelFamily, TrainNets, register
-from aigc_ray.models.steps import vae_step
+from aigc_ray.models.sngan import SNDiscriminator
+from aigc_ray.models.steps import vae_adversarial_step, vae_step
 
 RECON_LOSSES = ("bce", "mse", "sigma")
 MAX_MIXTURE_FLOATS = 2**25  # mix_outer and mix_scale, (C*K, d, d) each: 128 MiB apiece at most
 PRIORS = ("standard", "fitted", "mixture")
 PRIOR_MOMENTUM = 0.02  # per training batch: the fitted prior averages over the last ~50 batches
+ADVERSARIAL_AUGMENT = ("translation",)  # what the adversarial term's discriminator sees real and fake through
 
 
 class Encoder(nn.Module):
@@ -274,6 +276,13 @@ class VAEOptions:
     (luminance, red-green, yellow-blue) with the two chroma channels scaled by this gain (1 = plain
     RGB). The loss and the optimum are unchanged; the chroma, a small part of the images' variance,
     is learned as early as the shapes instead of last."""
+    adversarial_weight: float = 0.0
+    """> 0: a spectral-norm discriminator (class-conditional when the VAE is) learns to tell
+    reconstructions from training images (hinge loss, on DiffAugment's translation), and
+    the VAE's loss gains -weight * lambda * D(reconstruction), lambda sizing the term against the
+    reconstruction loss at the decoder's last layer (VQGAN's adaptive weight). Meant to sharpen what a
+    pixel likelihood blurs (corners); on the shapes it did not, at 3.5x the time per epoch (see
+    bench/results/recipes-issue11.md). The discriminator learns at train.lr_d. 0: no discriminator."""
 
     def __post_init__(self) -> None:
         if not (isinstance(self.beta, (int, float)) and self.beta >= 0):
@@ -286,6 +295,8 @@ class VAEOptions:
                               f"got {self.mixture_components!r}")
         if not (isinstance(self.chroma_gain, (int, float)) and 0 < self.chroma_gain <= 100):
             raise ConfigError(f"model.options.chroma_gain must be a number in (0, 100], got {self.chroma_gain!r}")
+        if not (isinstance(self.adversarial_weight, (int, float)) and 0 <= self.adversarial_weight <= 10):
+            raise ConfigError(f"model.options.adversarial_weight must be a number in [0, 10], got {self.adversarial_weight!r}")
 
 
 class _AutoencoderFamily(ModelFamily):
@@ -305,6 +316,8 @@ class VAEFamily(_AutoencoderFamily):
     Options = VAEOptions
     capabilities = Capabilities(generate=True, reconstruct=True, conditional=True, adversarial=False)
     train_metrics = frozenset({"loss", "recon", "kl"})
+    adversarial_metrics = frozenset({"loss_d", "d_real", "d_fake", "adversarial_lambda"})
+    """Reported besides train_metrics when model.options.adversarial_weight > 0."""
     pbt_mutable_options = frozenset({"beta"})
 
     def check(self, m) -> None:
@@ -320,16 +333,24 @@ class VAEFamily(_AutoencoderFamily):
                                   f"{m.num_classes} x model.latent_dim^2={m.latent_dim}^2 is {floats:,} floats per "
                                   f"mixture buffer; at most {MAX_MIXTURE_FLOATS:,}")
 
-    def build(self, m) -> tuple[nn.Module, None]:
+    def train_keys_for(self, m) -> frozenset[str]:
+        return frozenset({"lr_d"}) if m.opts.adversarial_weight > 0 else frozenset()
+
+    def build(self, m) -> tuple[nn.Module, nn.Module | None]:
         o = m.opts
         return VAE(m.image_size, m.channels, m.latent_dim, m.width, variational=True,
                    fitted_prior=o.prior == "fitted",
                    mixture_components=o.mixture_components if o.prior == "mixture" else 0,
-                   num_classes=m.num_classes, chroma_gain=o.chroma_gain), None
+                   num_classes=m.num_classes, chroma_gain=o.chroma_gain), \
+            SNDiscriminator(m.image_size, m.channels, m.width, m.num_classes) if o.adversarial_weight > 0 else None
 
     def train_step(self, nets: TrainNets, real, labels, ctx, update_g: bool) -> dict[str, torch.Tensor]:
         o = nets.model.opts
-        return vae_step(nets.G, nets.opt_g, real, ctx, o.beta, o.recon_loss, variational=True, labels=labels)
+        if nets.D is None:
+            return vae_step(nets.G, nets.opt_g, real, ctx, o.beta, o.recon_loss, variational=True, labels=labels)
+        vae = getattr(nets.G, "module", nets.G)  # under DDP
+        return vae_adversarial_step(nets.G, nets.D, nets.opt_g, nets.opt_d, real, ctx, o.beta, o.recon_loss,
+                                    o.adversarial_weight, vae.decoder.net[-1].weight, labels, ADVERSARIAL_AUGMENT)
 
     def sample(self, model: nn.Module, z: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
         return model.sample(z, labels)
