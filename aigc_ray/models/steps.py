@@ -172,17 +172,26 @@ def hinge_step(G: nn.Module, D: nn.Module, opt_g, opt_d, real: torch.Tensor, lab
     return out
 
 
-def _recon_loss(logits: torch.Tensor, target: torch.Tensor, recon_loss: str) -> torch.Tensor:
-    """-log p(x|z) summed over the batch. logits, target: (N, C, S, S), target in [0, 1]."""
+def _elbo_terms(model: nn.Module, real: torch.Tensor, labels: torch.Tensor | None, ctx: StepContext,
+                recon_loss: str, variational: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(reconstruction logits (N, C, S, S), -log p(x|z) per image, KL per image; 0 when not variational)."""
+    n = real.shape[0]
+    target = (real + 1) / 2  # pixels in [0, 1]
+    with ctx.cast():
+        logits, mu, logvar = model(real, labels)
+    logits, mu, logvar = logits.float(), mu.float(), logvar.float()
     if recon_loss == "bce":
-        return F.binary_cross_entropy_with_logits(logits, target, reduction="sum")
-    if recon_loss == "sigma":
+        recon = F.binary_cross_entropy_with_logits(logits, target, reduction="sum") / n
+    elif recon_loss == "sigma":
         # Gaussian NLL per image with one variance for all pixels at its optimum, the batch's mean
-        # squared error (held constant in the gradient): sum (x - x')^2 / (2 s^2) + D log s, per image
+        # squared error (held constant in the gradient): sum (x - x')^2 / (2 s^2) + D log s
         squared = (torch.sigmoid(logits) - target).pow(2)
         variance = squared.detach().mean().clamp_min(1e-6)
-        return squared.sum() / (2 * variance) + 0.5 * squared.numel() * variance.log()
-    return F.mse_loss(torch.sigmoid(logits), target, reduction="sum")
+        recon = (squared.sum() / (2 * variance)) / n + 0.5 * squared[0].numel() * variance.log()
+    else:
+        recon = F.mse_loss(torch.sigmoid(logits), target, reduction="sum") / n
+    kl = (-0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).sum()) / n if variational else torch.zeros((), device=real.device)
+    return logits, recon, kl
 
 
 def vae_step(model: nn.Module, opt, real: torch.Tensor, ctx: StepContext, beta: float,
@@ -194,13 +203,7 @@ def vae_step(model: nn.Module, opt, real: torch.Tensor, ctx: StepContext, beta: 
     The plain autoencoder (variational=False) drops the KL term. labels (N,): a class-conditional
     VAE's classes (its decoder reads them), else None.
     """
-    n = real.shape[0]
-    target = (real + 1) / 2
-    with ctx.cast():
-        logits, mu, logvar = model(real, labels)
-    logits, mu, logvar = logits.float(), mu.float(), logvar.float()
-    recon = _recon_loss(logits, target, recon_loss) / n
-    kl = (-0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).sum()) / n if variational else torch.zeros((), device=real.device)
+    _, recon, kl = _elbo_terms(model, real, labels, ctx, recon_loss, variational)
     loss = recon + beta * kl
     opt.zero_grad(set_to_none=True)
     ctx.backward_step(loss, opt)
@@ -221,13 +224,7 @@ def vae_adversarial_step(model: nn.Module, D: nn.Module, opt, opt_d, real: torch
     scale, and pushes towards edges the data has where a Gaussian or Bernoulli mean blurs them.
     """
     aug = augmenter(augment)
-    n = real.shape[0]
-    target = (real + 1) / 2
-    with ctx.cast():
-        logits, mu, logvar = model(real, labels)
-    logits, mu, logvar = logits.float(), mu.float(), logvar.float()
-    recon = _recon_loss(logits, target, recon_loss) / n
-    kl = (-0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).sum()) / n
+    logits, recon, kl = _elbo_terms(model, real, labels, ctx, recon_loss, variational=True)
     fake = torch.sigmoid(logits) * 2 - 1  # (N, C, S, S) in [-1, 1]
     with ctx.cast():
         d_real, d_fake = D(aug(real), labels), D(aug(fake.detach()), labels)
