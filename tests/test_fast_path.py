@@ -15,7 +15,7 @@ from conftest import tiny_config
 
 from aigc_ray.config import ConfigError, ExperimentConfig
 from aigc_ray.train.engine import GRAPH_WARMUP_STEPS, Engine, resolve_fast_path
-from aigc_ray.train.flops import mfu, peak_flops, train_flops_per_image
+from aigc_ray.train.flops import PEAK_BF16_FLOPS, mfu, peak_flops, train_flops_per_image
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,13 +77,14 @@ def test_flops_are_positive_and_scale_with_image_size():
         assert train_flops_per_image(cfg(family, 32, width=8, latent_dim=8)) > 0
 
 
-def test_peak_table_and_mfu():
-    assert peak_flops("NVIDIA H100 80GB HBM3") == 989e12
-    assert peak_flops("NVIDIA H100 PCIe") == 756e12
-    assert peak_flops("NVIDIA A100-SXM4-80GB") == 312e12
-    assert peak_flops("NVIDIA L4") == 121e12
+def test_every_peak_table_entry_is_reachable_and_mfu():
+    """Names are matched by substring, first hit wins: a device named after any entry must get that
+    entry's peak, not one of a shorter name listed earlier ("L4" would shadow "L40S", "H100" "H100 PCIe")."""
+    for key, peak in PEAK_BF16_FLOPS:
+        for name in (f"NVIDIA {key}", f"NVIDIA {key.upper()} 80GB"):
+            assert peak_flops(name) == peak, f"{name!r} resolved to another entry's peak"
     assert peak_flops("Mystery GPU") is None
-    assert peak_flops("Mystery GPU", override_tflops=100) == 100e12
+    assert peak_flops("NVIDIA H100 PCIe", override_tflops=100) == 100e12  # the user's figure wins
     assert mfu(1000, 1e9, 1e13) == pytest.approx(0.1)
     assert mfu(1000, 1e9, None) is None
 

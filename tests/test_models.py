@@ -78,16 +78,30 @@ def test_discriminator_learns_to_separate_a_fixed_batch_from_fakes():
 
 
 def test_generator_step_does_not_update_the_discriminator():
-    torch.manual_seed(0)
+    """A full step (D, then G) leaves D where a D-only step from the same state leaves it: the G step
+    neither steps D's optimizer nor leaves its loss's gradient in D's .grad, while G does move."""
+    import copy
+
     cfg = ModelConfig(family="dcgan", image_size=8, latent_dim=8, width=8)
+    torch.manual_seed(0)
     G, D = build_generator(cfg), build_discriminator(cfg)
-    opt_g = torch.optim.Adam(G.parameters(), lr=1e-3)
-    opt_d = torch.optim.SGD(D.parameters(), lr=0.0)  # D's own step changes nothing...
     real = torch.rand(8, 1, 8, 8) * 2 - 1
-    before = [p.clone() for p in D.parameters()]
-    out = gan_step(G, D, opt_g, opt_d, real, None, 8, StepContext())
+
+    def step(update_g: bool):
+        g, d = copy.deepcopy(G), copy.deepcopy(D)
+        opt_g, opt_d = torch.optim.Adam(g.parameters(), lr=1e-2), torch.optim.Adam(d.parameters(), lr=1e-2)
+        torch.manual_seed(1)  # the same latents in both runs
+        out = gan_step(g, d, opt_g, opt_d, real, None, 8, StepContext(), update_g=update_g)
+        return g, d, out
+
+    g_full, d_full, out = step(update_g=True)
+    g_d_only, d_only, _ = step(update_g=False)
     assert {"loss_d", "loss_g", "d_real", "d_fake"} <= set(out)
-    assert all(torch.equal(a, b) for a, b in zip(before, D.parameters()))  # ...and G's step none either
+    assert not all(torch.equal(a, b) for a, b in zip(D.parameters(), d_only.parameters()))  # D's step moved D
+    for full, alone in zip(d_full.parameters(), d_only.parameters()):
+        assert torch.equal(full, alone)
+        assert torch.equal(full.grad, alone.grad)  # no G-loss gradient left behind for D's next step
+    assert not all(torch.equal(a, b) for a, b in zip(g_full.parameters(), g_d_only.parameters()))  # G's step moved G
 
 
 def test_importing_models_does_not_import_ray():
