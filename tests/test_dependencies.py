@@ -1,5 +1,6 @@
 """Dependency floors admit no release with a known CVE on our paths, and CI installs one pinned
-stack (requirements.lock) that satisfies them."""
+stack (requirements.lock) that satisfies them. The CVE record is pyproject.toml's
+[tool.aigc-ray.security-floors]; these tests hold the declared floors and the pins to it."""
 
 from pathlib import Path
 
@@ -8,35 +9,47 @@ from packaging.requirements import Requirement
 from packaging.version import Version
 
 ROOT = Path(__file__).resolve().parents[1]
-# the first release of each without the known CVEs we care about
-SAFE_FLOORS = {"torch": "2.10", "torchvision": "0.25", "protobuf": "6.33.5", "grpcio": "1.68.1",
-               "grpcio-health-checking": "1.68.1", "fastapi": "0.133", "starlette": "0.49.1", "pillow": "11.3",
-               "tqdm": "4.66.3"}
+PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 
 
 def _requirements() -> dict[str, Requirement]:
-    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    project = PYPROJECT["project"]
     reqs = [Requirement(r) for r in project["dependencies"] + project["optional-dependencies"]["dev"]]
     return {r.name.lower(): r for r in reqs}
 
 
-def test_floors_exclude_releases_with_known_cves():
-    reqs = _requirements()
-    for name, safe in SAFE_FLOORS.items():
-        assert name in reqs, f"{name} is used but not a declared dependency"
-        floors = [Version(s.version) for s in reqs[name].specifier if s.operator in (">=", "==")]
-        assert floors and min(floors) >= Version(safe), f"{name}: {reqs[name].specifier} admits releases before {safe}"
-
-
-def test_ci_installs_the_lock_file_which_satisfies_every_declared_requirement():
+def _pins() -> dict[str, str]:
     pins = {}
     for line in (ROOT / "requirements.lock").read_text().splitlines():
         if line.strip() and not line.startswith("#"):
             name, _, version = line.partition("==")
             pins[name.strip().lower().replace("_", "-")] = version.strip()
+    return pins
+
+
+def test_every_dependency_has_a_floor():
+    """`pip install -e .` outside CI resolves from the floors: an unbounded one could pick any old release."""
+    unbounded = [str(r) for r in _requirements().values() if not any(s.operator in (">=", "==", "~=") for s in r.specifier)]
+    assert not unbounded, f"no lower bound: {unbounded}"
+
+
+def test_floors_and_pins_exclude_releases_with_known_cves():
+    reqs, pins = _requirements(), _pins()
+    floors = PYPROJECT["tool"]["aigc-ray"]["security-floors"]
+    assert floors, "the CVE record is empty"
+    for name, record in floors.items():
+        safe = Version(record["first_safe"])
+        assert name in reqs, f"{name} has a security floor but is not a declared dependency"
+        lowest = min(Version(s.version) for s in reqs[name].specifier if s.operator in (">=", "==", "~="))
+        assert lowest >= safe, f"{name}: {reqs[name].specifier} admits releases before {safe} ({record['why']})"
+        assert Version(pins[name]) >= safe, f"requirements.lock pins {name}=={pins[name]}, before {safe}"
+
+
+def test_ci_installs_the_lock_file_which_satisfies_every_declared_requirement():
+    pins = _pins()
     for name, req in _requirements().items():
         assert name in pins, f"{name} is not pinned in requirements.lock"
         assert req.specifier.contains(pins[name], prereleases=True), f"lock pins {name}=={pins[name]}, not {req}"
     assert "aigc-ray" not in pins
     ci = (ROOT / ".ci" / "run").read_text()
-    assert "pip install --quiet -r requirements.lock" in ci and "--no-deps -e ." in ci
+    assert "-r requirements.lock" in ci and "--no-deps -e ." in ci
