@@ -7,12 +7,12 @@ import concurrent.futures
 import shutil
 import socket
 import threading
-import time
 from collections import Counter
 
 import httpx
 import pytest
 from safetensors.torch import load_file, save_file
+from waits import wait_until
 
 from aigc_ray.cli import main as cli_main
 from aigc_ray.models.checkpoint import model_version, read_card, write_card
@@ -68,10 +68,14 @@ def _served(http) -> dict:
     return next(m for m in http.get("/v1/models").json()["models"] if m["name"] == "gan")
 
 
-def _load(url: str, total: int | None = None, stop: threading.Event | None = None, concurrency: int = 16) -> list:
-    """(status, model_version) of each request of `concurrency` clients: `total` requests, or until `stop`."""
+def _load(url: str, total: int | None = None, stop: threading.Event | None = None, concurrency: int = 16,
+          out: list | None = None) -> list:
+    """(status, model_version) of each request of `concurrency` clients: `total` requests, or until `stop`.
+    Answers are appended to `out` as they come, so a caller can wait on them."""
+    out = [] if out is None else out
+
     async def run():
-        out, sent = [], 0
+        sent = 0
 
         async def worker(client):
             nonlocal sent
@@ -85,15 +89,21 @@ def _load(url: str, total: int | None = None, stop: threading.Event | None = Non
     return asyncio.run(run())
 
 
+def _answers_after(out: list, n: int, count: int = 16, timeout_s: float = 60) -> None:
+    """Wait until the load has `count` more answers than `n`: requests went on across the switch."""
+    wait_until(lambda: len(out) >= n + count, timeout_s, f"{count} answers after the first {n}")
+
+
 def _during(app, argv: list[str]) -> tuple[int, list]:
-    """Run `aigc-ray promote ARGV` while 16 clients call the app; (exit code, every response)."""
-    stop = threading.Event()
+    """Run `aigc-ray promote ARGV` while 16 clients call the app (answered before, during and after it);
+    (exit code, every response)."""
+    stop, out = threading.Event(), []
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        load = pool.submit(_load, app["url"], None, stop)
-        time.sleep(1.0)
+        load = pool.submit(_load, app["url"], None, stop, out=out)
         try:
+            _answers_after(out, 0)
             code = cli_main(["promote", "--model", "gan", *argv])
-            time.sleep(1.0)
+            _answers_after(out, len(out))
         finally:
             stop.set()
         return code, load.result()
@@ -145,14 +155,18 @@ def test_a_canary_whose_candidate_fails_rolls_back_by_itself(app, capsys):
     argv = ["--checkpoint", flaky, "--canary", "50", "--max-error-rate", "0.01", "--min-requests", "5",
             "--canary-timeout", "2"]
     assert cli_main(["promote", "--model", "gan", *argv]) == 0
-    stop = threading.Event()
+    stop, out = threading.Event(), []
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        load = pool.submit(_load, app["url"], None, stop)
-        time.sleep(1.5)
-        (Path(flaky) / "model.safetensors").unlink()
-        assert _kill_replicas("model-gan-canary") == 1
-        time.sleep(5.0)
-        stop.set()
+        load = pool.submit(_load, app["url"], None, stop, out=out)
+        try:
+            wait_until(lambda: app["version"]["flaky"] in {v for _, v in out}, 60, "an answer from the canary")
+            (Path(flaky) / "model.safetensors").unlink()
+            assert _kill_replicas("model-gan-canary") == 1
+            wait_until(lambda: (_served(app["http"])["canary"] or {}).get("state") == "rolled_back", 60,
+                       "the ingress to roll the failing canary back")
+            _answers_after(out, len(out))  # and the current version answers everything after it
+        finally:
+            stop.set()
         during = load.result()
     assert {s for s, _ in during} == {200}, Counter(s for s, _ in during)  # its failures were answered by current
     assert app["version"]["flaky"] in {v for _, v in during}
@@ -213,10 +227,8 @@ def test_a_better_candidate_is_swapped_into_a_serve_deploy_app(app, capsys):
     args = {**ARGS, "checkpoints": [f"gan={app['ckpt']['better']}"]}
     client.deploy_applications({"http_options": details["http_options"], "applications": [
         {"name": "aigc", "route_prefix": "/", "import_path": "aigc_ray.serving.app:build_app", "args": args}]})
-    deadline = time.monotonic() + 120
-    while client.get_serve_details()["applications"]["aigc"]["status"] != "RUNNING":
-        assert time.monotonic() < deadline, "serve deploy did not finish"
-        time.sleep(0.5)
+    wait_until(lambda: client.get_serve_details()["applications"]["aigc"]["status"] == "RUNNING", 120,
+               "the serve deploy of the app to finish", poll_s=0.5)
     assert rollout.find("aigc").source == "declarative"
     assert cli_main(["promote", "--model", "gan", "--checkpoint", app["ckpt"]["best"]]) == 0
     out = capsys.readouterr().out

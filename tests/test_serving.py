@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import zlib
 from pathlib import Path
@@ -21,6 +22,7 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from safetensors.torch import load_file, save_file
 from torchvision.io import decode_png, encode_png
+from waits import wait_until
 
 from aigc_ray.models.checkpoint import model_version
 from aigc_ray.serving.proto import aigc_pb2, aigc_pb2_grpc
@@ -404,16 +406,17 @@ def _kill_replicas(deployment: str) -> int:
     return len(names)
 
 
-def _load(url: str, seconds: float, concurrency: int = 8) -> list[tuple[int, str]]:
-    """(status, model_version) of every request `concurrency` clients sent in `seconds`."""
+def _load(url: str, stop: threading.Event, concurrency: int = 8, out: list | None = None) -> list[tuple[int, str]]:
+    """(status, model_version) of every request `concurrency` clients sent until `stop`, appended to `out` as
+    they are answered (so a caller can wait on them)."""
     headers = {"authorization": f"Bearer {TOKEN}"}
+    out = [] if out is None else out
 
     async def run():
-        out, stop = [], time.perf_counter() + seconds
         async with httpx.AsyncClient(timeout=60, headers=headers) as client:
             async def worker(w):
                 i = 0
-                while time.perf_counter() < stop:
+                while not stop.is_set():
                     try:
                         r = await client.post(url, json={"num_images": 1, "seed": w * 1000 + i})
                     except httpx.TransportError as err:  # in flight on the replica that died: the connection drops
@@ -452,20 +455,33 @@ def test_checkpoint_swap_bad_rollout_then_replica_kill_serves_last_known_good(se
     # The replica dies under load (8 clients); its replacement is configured with the bad URI and must come up
     # on the last known good instead of failing its constructor again and again.
     url = f"http://127.0.0.1:{server['http_port']}/v1/generate"
+    stop, out = threading.Event(), []
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        during = pool.submit(_load, url, 6.0)
-        time.sleep(1.0)
-        assert _kill_replicas("model-gan") == 1
-        during = during.result()
+        load = pool.submit(_load, url, stop, out=out)
+        try:
+            wait_until(lambda: len(out) >= 16, 60, "16 answers before the kill")
+            assert _kill_replicas("model-gan") == 1
+            killed_at = len(out)
+            # the load goes on until the replacement answers it: lost in-flight requests and waits both seen
+            wait_until(lambda: any(status == 200 for status, _ in out[killed_at + 8:]), 180,
+                       "an answer from the replacement replica under load")
+        finally:
+            stop.set()
+        during = load.result()
     # The first model runs inside the ingress replica: the requests in flight on it when it dies are lost (a dropped
     # connection or Serve's 500), at most one per client; every other request is answered (200, or 503 + Retry-After)
     lost = [x for x in during if x[0] not in (200, 503)]
     assert len(lost) <= 8 and {status for status, _ in lost} <= {0, 500}, lost[:3]
-    deadline = time.monotonic() + 120
-    while http.post("/v1/generate", json={"num_images": 1}).status_code != 200:  # the replacement is up
-        assert time.monotonic() < deadline, "replacement replica never came up"
-        time.sleep(0.5)
-    after = _load(url, 3.0)
+    wait_until(lambda: http.post("/v1/generate", json={"num_images": 1}).status_code == 200, 120,
+               "the replacement replica", poll_s=0.5)
+    stop, after = threading.Event(), []
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        load = pool.submit(_load, url, stop, out=after)
+        try:
+            wait_until(lambda: len(after) >= 32, 60, "32 answers from the replacement")
+        finally:
+            stop.set()
+        load.result()
     assert after and all(status == 200 and version == new for status, version in after), after[:3]
     gan = next(m for m in http.get("/v1/models").json()["models"] if m["name"] == "gan")
     assert gan["degraded"] and gan["version"] == new and gan["requested"] == bad and "does-not-exist" in gan["last_error"]
