@@ -34,6 +34,7 @@ from aigc_ray.data.pipeline import ensure_prepared, load_split, train_dataset
 from aigc_ray.data.prepare import read_manifest
 from aigc_ray.models.checkpoint import save_checkpoint
 from aigc_ray.pipeline import grid_png, to_uint8
+from aigc_ray.train.batchnorm import average_batchnorm_stats
 from aigc_ray.train.engine import Engine, lr_scale
 from aigc_ray.train.resume import check_resumable, load_resume_state
 from aigc_ray.train.validation import (
@@ -127,7 +128,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     dataset_info, run_dir = loop_config["dataset"], loop_config["run_dir"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(max(1, loop_config["cpus_per_worker"]))
+    torch.set_num_threads(loop_config.get("threads") or max(1, loop_config["cpus_per_worker"]))
     device = ray.train.torch.get_device()
 
     # [1] prepare model: G and D are wrapped for DDP separately (separate optimizers, turns)
@@ -230,10 +231,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
             images_seen += len(x) * world
             done = bool(t.max_steps and engine.g_steps >= t.max_steps)
             if engine.step % t.checkpoint_every == 0 and not done:
+                average_batchnorm_stats(engine.G, engine.D, engine.ema)  # (a collective: every worker)
                 report(_means(sums, count) | {"epoch": epoch + i / 1e6, "step": engine.step}, epoch, i + 1, True)
             if done:
                 break
         elapsed, started = time.perf_counter() - started, time.perf_counter()
+        # every worker, before rank 0 draws the grid and checkpoints: BatchNorm statistics of all shards
+        average_batchnorm_stats(engine.G, engine.D, engine.ema)
         last = done or epoch + 1 == t.epochs
         metrics = _means(sums, count) | {"epoch": epoch + 1, "step": engine.step,
                                          "images_per_s": images_seen / max(elapsed, 1e-9), "epoch_time_s": elapsed}
@@ -258,8 +262,9 @@ def _say(line: str) -> None:
     sys.stdout.flush()
 
 
-# BatchNorm statistics stay per worker (as in torch's DCGAN/DDP examples); syncing buffers
-# on every forward would add a broadcast to each of D's three forward passes per step.
+# BatchNorm statistics are not broadcast on every forward (that would add a broadcast to each of
+# D's three forward passes per step); they are averaged over the workers before each checkpoint
+# and sample grid instead (aigc_ray/train/batchnorm.py).
 _DDP_NO_BUFFER_SYNC = ({"forward_sync_buffers": False}
                        if "forward_sync_buffers" in inspect.signature(torch.nn.parallel.DistributedDataParallel).parameters
                        else {"broadcast_buffers": False})
@@ -306,21 +311,43 @@ class TrainingOutcome:
 
 def init_ray(address: str | None = None, workers: int = 1) -> None:
     """Join RAY_ADDRESS / --address when given (ray job submit sets it), else start a
-    local Ray. Locally we declare one logical CPU more than the workers use, so Ray Data's
-    read and decode tasks can be scheduled next to workers that hold every core."""
+    local Ray that declares the machine's cores (more only when asked for more workers than
+    there are cores beside one for Ray Data's reads and the evaluation task)."""
     if ray.is_initialized():
         return
+    from aigc_ray import console
+
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=True, **console.ray_init_kwargs())
     else:
         # One machine: no node can be drained, so Train V2's PreemptionWatcher (an actor per run
         # that polls for draining nodes) has nothing to watch, and its shutdown prints a
         # core_worker error line that reads like a failure. Ray passes the driver's value on to
         # the controller; a value the user sets wins.
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-        cores = os.cpu_count() or 1
-        ray.init(num_cpus=max(cores, workers) + 1)
+        global _OWN_LOCAL_CORES
+        _OWN_LOCAL_CORES = os.cpu_count() or 1
+        ray.init(num_cpus=local_ray_cpus(_OWN_LOCAL_CORES, workers), **console.ray_init_kwargs())
+
+
+_OWN_LOCAL_CORES: int | None = None  # set when this process started the local Ray it trains on
+
+
+def local_ray_cpus(cores: int, workers: int) -> int:
+    """CPUs a local Ray declares: the machine's, or workers + 1 where that is more (each worker
+    reserves one CPU, and Ray Data's reads and the evaluation task need one beside them)."""
+    return max(cores, workers + 1)
+
+
+def torch_threads(cfg: ExperimentConfig, reserved: int, own_local_cores: int | None) -> int:
+    """Intra-op threads per worker. A CPU count set in the config (a sweep's trials share the
+    machine) is kept; on a local Ray this process started, the workers share the machine's
+    cores, including the one Ray keeps for data reads and the evaluation task, which mostly
+    wait (the evaluation runs at idle priority); elsewhere, what Ray reserved."""
+    if cfg.train.cpus_per_worker or not own_local_cores:
+        return max(1, reserved)
+    return max(1, reserved, own_local_cores // cfg.train.workers)
 
 
 def cpus_per_worker(cfg: ExperimentConfig) -> int:
@@ -383,7 +410,8 @@ def build_trainer(cfg: ExperimentConfig, *, callbacks=(), validation_config=None
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"experiment": cfg.to_dict(), "dataset": dataset_info, "run_dir": run_dir,
-                           "cpus_per_worker": cpus, "init_checkpoint": init_checkpoint,
+                           "cpus_per_worker": cpus, "threads": torch_threads(cfg, cpus, _OWN_LOCAL_CORES),
+                           "init_checkpoint": init_checkpoint,
                            "validate": validation_config is not None or inline_eval,
                            "inline_eval": inline_eval, "unscored_fid": own_validation, "in_memory": in_memory,
                            "start_timeout_s": start_timeout_s, "trial": trial,
