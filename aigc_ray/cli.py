@@ -23,7 +23,7 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--data-root", help="where torchvision datasets and prepared copies live")
     g.add_argument("--image-size", type=int, help="8, 16, 32, 64 or 128 (data and model)")
     g.add_argument("--channels", type=int, choices=(1, 3), help="1 or 3 (data and model)")
-    g.add_argument("--epochs", type=int)
+    g.add_argument("--epochs", type=int, help="passes over the training split (train.epochs)")
     g.add_argument("--batch-size", type=int, help="global batch size, split across workers")
     g.add_argument("--workers", type=int, help="Ray Train workers (data-parallel)")
     g.add_argument("--gpu", action="store_true", default=None, help="one GPU per worker (AMP on)")
@@ -188,6 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="aigc-ray", description="Train, tune, evaluate and serve image generators (GANs, VAEs) on Ray.",
         epilog="Offline defaults: `aigc-ray train` trains the dcgan-digits config on a local Ray.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    parser.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("prepare", help="clean and convert a dataset into Parquet shards + manifest",
@@ -196,12 +198,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", required=True, help="digits | shapes | mnist | fashion-mnist | cifar10 | "
                                                     "folder:PATH | parquet:PATH")
     p.add_argument("--out", required=True, help="output directory (must be new or empty), or an s3:// / gs:// URI")
-    p.add_argument("--image-size", type=int, default=16, choices=(8, 16, 32, 64, 128))
-    p.add_argument("--channels", type=int, default=1, choices=(1, 3))
+    p.add_argument("--image-size", type=int, default=16, choices=(8, 16, 32, 64, 128),
+                   help="every image is resized to this square size (default 16)")
+    p.add_argument("--channels", type=int, default=1, choices=(1, 3), help="1 (grayscale, default) or 3 (RGB)")
     p.add_argument("--data-root", default="~/.cache/aigc-ray", help="where torchvision datasets live")
     p.add_argument("--download", action="store_true", help="let torchvision download (needs network)")
     p.add_argument("--num-shapes", type=int, default=4096, help="images drawn for the shapes source")
-    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--seed", type=int, default=42, help="seed of the shapes drawn and of the train/test split")
     p.add_argument("--overwrite", action="store_true", help="replace an existing prepared dataset (the old one "
                                                             "stays until the new one is complete)")
     p.add_argument("--max-file-bytes", type=int, default=64 * 2**20,
@@ -225,11 +228,11 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Rebuild the generator from the checkpoint alone and write a PNG grid. "
                                    "The same seed gives the same file bytes.")
     p.add_argument("--checkpoint", required=True, help="checkpoint directory (or s3:// / gs:// URI)")
-    p.add_argument("--num-images", type=int, default=64)
+    p.add_argument("--num-images", type=int, default=64, help="images in the grid (default 64)")
     p.add_argument("--seed", type=int, default=42, help="image i uses seed + i")
     p.add_argument("--labels", help="comma-separated class labels for a conditional model (one = all)")
     p.add_argument("--nrow", type=int, help="images per grid row (default: square)")
-    p.add_argument("--out", default="samples.png")
+    p.add_argument("--out", default="samples.png", help="PNG file to write (default: samples.png)")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("eval", help="score a checkpoint: domain FID/KID, floor, ceiling; writes card.json",
@@ -281,7 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "aigc_ray.json). examples/offline_generate.py turns seeds into labelled PNGs "
                                    "with only onnxruntime, numpy and Pillow.")
     p.add_argument("--checkpoint", required=True, help="checkpoint directory (or s3:// / gs:// URI)")
-    p.add_argument("--format", required=True, choices=("onnx", "torchscript"))
+    p.add_argument("--format", required=True, choices=("onnx", "torchscript"),
+                   help="onnx (for onnxruntime, no torch needed) or torchscript (frozen)")
     p.add_argument("--graph", default="generate", choices=("generate", "encode", "reconstruct"),
                    help="which computation to export (default: generate)")
     p.add_argument("--out", required=True, help="output file, e.g. model.onnx or model.pt")
@@ -332,8 +336,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", action="append", required=True, metavar="[NAME=]PATH",
                    help="checkpoint directory or s3:// / gs:// URI (repeatable); NAME defaults to the run directory")
     p.add_argument("--host", default="127.0.0.1", help="HTTP bind address (gRPC: Ray binds all interfaces)")
-    p.add_argument("--http-port", type=int, default=8000)
-    p.add_argument("--grpc-port", type=int, default=9000)
+    p.add_argument("--http-port", type=int, default=8000, help="HTTP port (default 8000)")
+    p.add_argument("--grpc-port", type=int, default=9000, help="gRPC port (default 9000)")
     p.add_argument("--min-replicas", type=int, default=1, help="autoscaling floor per model")
     p.add_argument("--max-replicas", type=int, default=2, help="autoscaling ceiling per model")
     p.add_argument("--max-num-images", type=int, default=64, help="most images per request")
@@ -352,7 +356,21 @@ def build_parser() -> argparse.ArgumentParser:
                         "straight to a replica (2-3x the requests/s on a small machine; opens a stats page and a "
                         "metrics endpoint on every interface, on free ports; only when this command starts Ray)")
     p.set_defaults(func=cmd_serve)
+    for command in sub.choices.values():  # also after the command; SUPPRESS keeps a -v given before it
+        command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=VERBOSE_HELP)
     return parser
+
+
+VERBOSE_HELP = "also show Ray's own log lines (INFO, its token-auth notice) and full tracebacks"
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("aigc-ray")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "(not installed)"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -360,6 +378,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if getattr(args, "num_images", 1) is not None and getattr(args, "num_images", 1) < 1:
         parser.error("--num-images must be >= 1")
+    from aigc_ray import console
+
+    console.set_verbose(args.verbose)
+    # exit codes: 0 done; 1 the run failed (or promote refused); 2 usage or a bad value; 130 Ctrl-C
     try:
         return args.func(args)
     except (ConfigError, ValueError, FileNotFoundError) as err:
@@ -368,6 +390,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"aigc-ray {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as err:  # the run itself failed: say why in one line; -v shows where
+        if args.verbose:
+            import traceback
+
+            traceback.print_exc()
+        print(f"aigc-ray {args.command}: failed: {type(err).__name__}: {err}"
+              + ("" if args.verbose else "  (-v shows the traceback)"), file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

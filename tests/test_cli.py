@@ -65,3 +65,71 @@ def test_train_end_to_end_prints_the_checkpoint_last(tmp_path):
     last = proc.stdout.strip().splitlines()[-1]
     assert "checkpoint_" in last
     assert aigc("generate", "--checkpoint", last, "--out", str(tmp_path / "g.png")).returncode == 0
+
+
+def test_version_is_the_installed_packages():
+    from importlib.metadata import version
+
+    assert aigc("--version").stdout.strip() == f"aigc-ray {version('aigc-ray')}"
+
+
+def test_every_flag_of_every_command_has_help():
+    import argparse
+
+    from aigc_ray.cli import build_parser
+
+    def flags(parser, command):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    yield from flags(sub, name)
+            elif action.option_strings:
+                yield command, action
+    missing = [f"{command} {'/'.join(a.option_strings)}" for command, a in flags(build_parser(), "aigc-ray")
+               if not (a.help or "").strip()]
+    assert not missing, f"flags without help: {missing}"
+
+
+@pytest.mark.parametrize("raised, code, message", [
+    (RuntimeError("worker group died"), 1, "aigc-ray train: failed: RuntimeError: worker group died"),
+    (ValueError("train.epochs must be > 0"), 2, "aigc-ray train: error: train.epochs must be > 0"),
+    (KeyboardInterrupt(), 130, "aigc-ray train: interrupted"),
+])
+def test_exit_codes_say_what_happened(monkeypatch, capsys, raised, code, message):
+    """1: the run failed (one line, the traceback only with -v); 2: a bad value; 130: Ctrl-C."""
+    from aigc_ray import cli, console
+    from aigc_ray.train import loop
+
+    monkeypatch.setenv(console.VERBOSE_ENV, "1")  # main() sets it; put back after the test
+    def fail(cfg, address=None):
+        raise raised
+    monkeypatch.setattr(loop, "run_training", fail)
+    assert cli.main(["train", "--epochs", "1"]) == code
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    if code == 1:
+        assert cli.main(["train", "--epochs", "1", "-v"]) == 1
+        assert "Traceback" in capsys.readouterr().err
+
+
+def test_usage_errors_exit_2():
+    for argv in (["train", "--no-such-flag"], ["generate"], ["nope"], ["generate", "--checkpoint", "x", "--num-images", "0"]):
+        proc = aigc(*argv, check=False)
+        assert proc.returncode == 2 and "usage: aigc-ray" in proc.stderr, (argv, proc.stderr)
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_a_local_ray_declares_the_machines_cores_and_is_quiet_unless_verbose(verbose):
+    """The local Ray `aigc-ray train` and `tune` start (init_ray): as many CPUs as the machine has, and
+    Ray's INFO and token-auth lines only with -v."""
+    import os
+
+    code = ("import os, ray; from aigc_ray import console; from aigc_ray.train.loop import init_ray; "
+            f"console.set_verbose({verbose}); init_ray(); print(int(ray.cluster_resources()['CPU'])); ray.shutdown()")
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert int(proc.stdout.split()[-1]) == os.cpu_count()
+    ray_lines = [line for line in proc.stderr.splitlines()
+                 if "Started a local Ray instance" in line or "Token authentication" in line]
+    assert bool(ray_lines) == verbose, proc.stderr[-3000:]

@@ -540,7 +540,9 @@ def run_until_interrupted(args: dict, host: str = "127.0.0.1", http_port: int = 
     os.environ.setdefault("RAY_SERVE_GRPC_MAX_MESSAGE_SIZE", str(options.max_body_bytes + 64 * 1024))
     if own_ray:  # our own Ray: its workers are the server, not background
         os.environ.setdefault("RAY_worker_niceness", "0")  # work (Ray nices every worker by 15 by default)
-    ray.init(address=address or None, ignore_reinit_error=True)
+    from aigc_ray import console
+
+    ray.init(address=address or None, ignore_reinit_error=True, **console.ray_init_kwargs())
     # after ray.init, which installs a SIGTERM handler of its own that aborts the process (exit 134)
     signal.signal(signal.SIGTERM, _stop)  # `kill`, container stop: same clean shutdown as Ctrl-C
     try:
