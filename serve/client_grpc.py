@@ -4,6 +4,7 @@
 """
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -15,12 +16,14 @@ from aigc_ray.serving.proto import aigc_pb2, aigc_pb2_grpc
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--target", default="127.0.0.1:9000")
+    p.add_argument("--target", default="127.0.0.1:9000", help="the server's gRPC address (default 127.0.0.1:9000)")
     p.add_argument("--model", default="", help="served model name; default: the first")
-    p.add_argument("--num-images", type=int, default=4)
+    p.add_argument("--num-images", type=int, default=4, help="images to generate (default 4)")
     p.add_argument("--seed", type=int, help="image i uses seed + i (default: the server picks one)")
     p.add_argument("--labels", help="comma-separated labels for a class-conditional model")
-    p.add_argument("--out-dir", default="generated")
+    p.add_argument("--out-dir", default="generated", help="where the PNG files go (default: generated)")
+    p.add_argument("--token", default=os.environ.get("AIGC_API_TOKEN"),
+                   help="bearer token the server asks for (default: the AIGC_API_TOKEN environment variable)")
     args = p.parse_args()
     with grpc.insecure_channel(args.target) as channel:
         status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10).status
@@ -30,7 +33,8 @@ def main() -> int:
         if args.seed is not None:
             request.seed = args.seed
         try:
-            resp = aigc_pb2_grpc.GeneratorStub(channel).Generate(request, timeout=60)
+            metadata = [("authorization", f"Bearer {args.token}")] if args.token else []
+            resp = aigc_pb2_grpc.GeneratorStub(channel).Generate(request, timeout=60, metadata=metadata)
         except grpc.RpcError as err:
             print(f"{err.code().name}: {err.details()}", file=sys.stderr)
             return 1

@@ -4,6 +4,7 @@ import asyncio
 import base64
 import concurrent.futures
 import io
+import os
 import shutil
 import socket
 import subprocess
@@ -393,6 +394,27 @@ def test_schemathesis_finds_no_failure(server, tmp_path):
            "--header", f"Authorization: Bearer {TOKEN}", "--seed", "1", "--no-color", "--workers", "2"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)  # its cache stays there
     assert out.returncode == 0, out.stdout[-6000:] + out.stderr[-2000:]
+
+
+@pytest.mark.parametrize("client", ["client_http.py", "client_grpc.py"])
+def test_example_clients_send_the_token_from_flag_or_environment(server, tmp_path, client):
+    root = Path(__file__).resolve().parents[1]
+    where = (["--url", f"http://127.0.0.1:{server['http_port']}"] if client == "client_http.py"
+             else ["--target", server["grpc_target"]])
+
+    def run(*extra, env_token=None):
+        env = {k: v for k, v in os.environ.items() if k != "AIGC_API_TOKEN"}
+        if env_token:
+            env["AIGC_API_TOKEN"] = env_token
+        return subprocess.run([sys.executable, str(root / "serve" / client), *where, "--num-images", "2", "--seed", "5",
+                               "--out-dir", str(tmp_path / "out"), *extra], capture_output=True, text=True, timeout=120,
+                              cwd=root, env=env)
+    refused = run()
+    assert refused.returncode == 1 and ("401" in refused.stderr or "UNAUTHENTICATED" in refused.stderr), refused.stderr
+    for proc in (run(env_token=TOKEN), run("--token", TOKEN, env_token="wrong")):  # the flag wins over the variable
+        assert proc.returncode == 0, proc.stderr
+        written = proc.stdout.split()
+        assert len(written) == 2 and all(Path(p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in written)
 
 
 def _kill_replicas(deployment: str) -> int:
