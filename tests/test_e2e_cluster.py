@@ -97,10 +97,7 @@ def test_job_submit_then_serve_deploy_on_a_token_auth_cluster(cluster, tmp_path)
     assert list((tmp_path / "shared" / "data" / "prepared").iterdir())
     print(f"job submit -> checkpoint: {job_s:.1f}s")
 
-    serve_config = ROOT / "serve" / "config.yaml"
-    if not serve_config.exists():
-        pytest.skip("serve/config.yaml not there yet: the Serve half of this test needs it")
-    _serve_and_call(cluster, tmp_path, serve_config, checkpoint)
+    _serve_and_call(cluster, tmp_path, ROOT / "serve" / "config.yaml", checkpoint)
 
 
 def _serve_and_call(cluster: LocalCluster, tmp_path: Path, serve_config: Path, checkpoint: str) -> None:
