@@ -90,7 +90,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from aigc_ray import storage
     from aigc_ray.pipeline import GeneratorPipeline, grid_png
 
-    pipe = GeneratorPipeline.from_checkpoint(storage.localize(args.checkpoint))
+    with storage.localized(args.checkpoint) as local:
+        pipe = GeneratorPipeline.from_checkpoint(local)
     seeds = list(range(args.seed, args.seed + args.num_images))
     labels = [int(v) for v in args.labels.split(",")] if args.labels else None
     images = pipe.generate(seeds, labels)

@@ -6,8 +6,11 @@ is read by another; a plain local path works on one machine or a shared mount.
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import json
 import os
+import shutil
 import sys
 import tempfile
 import uuid
@@ -130,13 +133,46 @@ def exists(path: str) -> bool:
 
 def localize(path: str, cache_dir: str | None = None) -> str:
     """A local directory holding ``path``'s files: the path itself when local, else a
-    downloaded copy (used to load checkpoints from s3:// or gs://)."""
+    downloaded copy (used to load checkpoints from s3:// or gs://). The copy is removed when
+    the process exits; prefer ``localized``, which removes it as soon as its block ends."""
     if not is_uri(path):
         return str(Path(path).expanduser())
-    target = tempfile.mkdtemp(prefix="aigc-ckpt-", dir=cache_dir)
-    src_fs, src = pafs.FileSystem.from_uri(path)
-    pafs.copy_files(src, target, source_filesystem=src_fs, destination_filesystem=pafs.LocalFileSystem())
+    target = _download(path, cache_dir)
+    _REMOVE_AT_EXIT.append(target)
     return target
+
+
+@contextlib.contextmanager
+def localized(path: str, cache_dir: str | None = None):
+    """``localize`` for one block: yields the local directory, and removes a downloaded copy after."""
+    if not is_uri(path):
+        yield str(Path(path).expanduser())
+        return
+    target = _download(path, cache_dir)
+    try:
+        yield target
+    finally:
+        shutil.rmtree(target, ignore_errors=True)
+
+
+def _download(path: str, cache_dir: str | None) -> str:
+    target = tempfile.mkdtemp(prefix="aigc-ckpt-", dir=cache_dir)
+    try:
+        src_fs, src = pafs.FileSystem.from_uri(path)
+        pafs.copy_files(src, target, source_filesystem=src_fs, destination_filesystem=pafs.LocalFileSystem())
+    except BaseException:
+        shutil.rmtree(target, ignore_errors=True)  # a failed download leaves nothing behind either
+        raise
+    return target
+
+
+_REMOVE_AT_EXIT: list[str] = []
+
+
+@atexit.register
+def _remove_downloads() -> None:
+    for target in _REMOVE_AT_EXIT:
+        shutil.rmtree(target, ignore_errors=True)
 
 
 def upload_dir(local_dir: str, dest: str) -> None:

@@ -76,3 +76,34 @@ def test_training_reads_and_writes_uris(ray_session, tmp_path):
     assert json.loads(lines[-1])["step"] > 0
     pipe = GeneratorPipeline.from_checkpoint(storage.localize(outcome.checkpoint))
     assert pipe.generate([1, 2]).shape == (2, 1, 8, 8)
+
+
+def test_downloaded_checkpoint_copies_are_removed(tmp_path):
+    """A checkpoint read from a URI is copied to a temporary directory: `localized` removes it when its block
+    ends (also on an error), `localize` when the process exits, a failed download at once."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    src = tmp_path / "bucket" / "ckpt"
+    src.mkdir(parents=True)
+    (src / "config.json").write_text("{}")
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    with storage.localized(src.as_uri(), cache_dir=str(cache)) as local:
+        assert (Path(local) / "config.json").read_text() == "{}" and Path(local).parent == cache
+    assert not list(cache.iterdir())
+    with pytest.raises(RuntimeError), storage.localized(src.as_uri(), cache_dir=str(cache)):
+        raise RuntimeError("the caller failed")
+    assert not list(cache.iterdir())
+    with pytest.raises(OSError):
+        storage.localize((tmp_path / "bucket" / "missing").as_uri(), cache_dir=str(cache))
+    assert not list(cache.iterdir())
+    with storage.localized(str(src)) as local:  # a local path is used in place, and kept
+        assert local == str(src)
+    assert (src / "config.json").is_file()
+
+    code = (f"from aigc_ray import storage; from pathlib import Path; d = storage.localize({src.as_uri()!r}, "
+            f"cache_dir={str(cache)!r}); assert (Path(d) / 'config.json').is_file(); print(d)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert Path(out.stdout.strip()).parent == cache and not list(cache.iterdir())

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import shutil
 import time
 from typing import Any
 
@@ -143,13 +142,10 @@ class ModelCore:
             raise ValueError("user_config.checkpoint is empty")
         import torch
 
-        local = storage.localize(uri)
-        try:  # a replica given a GPU (replica_gpus) sees it; any other sees none
+        with storage.localized(uri) as local:  # a downloaded copy goes once the weights are in memory
+            # a replica given a GPU (replica_gpus) sees it; any other sees none
             pipe = GeneratorPipeline.from_checkpoint(local, "cuda" if torch.cuda.is_available() else "cpu")
             card = read_card(local)
-        finally:
-            if local != uri and storage.is_uri(uri):
-                shutil.rmtree(local, ignore_errors=True)  # weights are in memory now
         # Check it before it replaces anything: one forward pass through what we will serve.
         if pipe.can_generate:
             pipe.generate([0], [0] if pipe.num_classes else None)

@@ -128,7 +128,8 @@ def promote(req: PromoteRequest) -> int:
                   f"{record.get('version') if req.finish else 'its current version'}"
                   + ("" if req.finish or not record.get("reason") else f" (was: {record['reason']})"), flush=True)
         else:
-            version = model_version(storage.localize(req.candidate))
+            with storage.localized(req.candidate) as local:
+                version = model_version(local)
             if req.canary is not None:
                 rollout.start_canary(deployed, req.model, req.candidate, version, req.canary, req.max_error_rate,
                                      req.min_requests, req.canary_timeout_s)

@@ -66,7 +66,8 @@ def load_resume_state(checkpoint, run_dir: str) -> tuple[dict, str]:
         if candidate.rstrip("/").rsplit("/", 1)[-1] == latest:
             continue
         try:
-            state = load_train_state(storage.localize(candidate))
+            with storage.localized(candidate) as local:
+                state = load_train_state(local)
         except Exception:  # noqa: BLE001 - try the next older one
             continue
         if state is not None:

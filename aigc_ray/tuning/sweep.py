@@ -308,18 +308,18 @@ def _finite(value: Any) -> bool:
 def export_best(spec: SweepSpec, checkpoint: str, dest: str) -> tuple[str, dict | None]:
     """Copy the checkpoint to ``dest`` (replacing it) and write its quality card there. ``dest``
     may be an s3:// / gs:// / file:// URI: the copy is made locally, then uploaded."""
-    local = storage.localize(checkpoint)
     if storage.is_uri(dest):
         import tempfile
 
         with tempfile.TemporaryDirectory(prefix="aigc-best-") as tmp:
-            _, card = export_best(spec, local, str(Path(tmp, "best")))
+            _, card = export_best(spec, checkpoint, str(Path(tmp, "best")))
             storage.upload_dir(str(Path(tmp, "best")), dest)
         return dest, card
     target = Path(dest)
     if target.exists():
         shutil.rmtree(target)
-    shutil.copytree(local, target, ignore=shutil.ignore_patterns("*.tmp"))
+    with storage.localized(checkpoint) as local:
+        shutil.copytree(local, target, ignore=shutil.ignore_patterns("*.tmp"))
     from aigc_ray.models.checkpoint import read_card
 
     card = read_card(target)  # written by the evaluation during training
