@@ -28,7 +28,7 @@ def test_quick_start_is_two_commands_and_ci_runs_the_same_test_command():
     ci = (ROOT / ".ci" / "run").read_text()
     # the same packages as the quick start's install, at the versions pinned in requirements.lock
     # (test_dependencies checks the lock satisfies pyproject's requirements, [dev] included)
-    assert "pip install --quiet -r requirements.lock" in ci and "pip install --quiet --no-deps -e ." in ci
+    assert re.search(r"pip install [-\w ]*-r requirements\.lock", ci) and re.search(r"pip install [-\w ]*--no-deps -e \.", ci)
     assert ci.strip().splitlines()[-1] == test_command  # CI ends by running the README's test command
 
 
