@@ -48,6 +48,7 @@ from aigc_ray.serving.options import (
     ServeOptions,
     deployed_openapi,
 )
+from aigc_ray.serving.playground import add_routes as add_playground_routes
 
 GRPC_SERVICERS = ["aigc_ray.serving.proto.aigc_pb2_grpc.add_GeneratorServicer_to_server",
                   "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server"]
@@ -128,6 +129,7 @@ class Guard:
 
 
 app.add_middleware(Guard)
+add_playground_routes(app)  # GET /: the web playground (serving/playground/), open like /docs
 
 
 @app.exception_handler(RequestValidationError)
@@ -548,7 +550,8 @@ def run_until_interrupted(args: dict, host: str = "127.0.0.1", http_port: int = 
     try:
         start(host, http_port, grpc_port, options.request_timeout_s, options.access_log)
         deploy(dataclasses.asdict(options))
-        print(f"serving {', '.join(options.models())}: http://{host}:{http_port}/docs  grpc {host}:{grpc_port} "
+        print(f"serving {', '.join(options.models())}: http://{host}:{http_port}/ (playground; API at /docs)  "
+              f"grpc {host}:{grpc_port} "
               f"{'(bearer token required) ' if token else ''}(Ctrl-C to stop)", flush=True)
         if haproxy_ports:
             print(f"ingress: HAProxy (stats http://{host}:{haproxy_ports['stats']}/stats, metrics "

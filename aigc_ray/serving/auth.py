@@ -13,7 +13,10 @@ from pathlib import Path
 
 TOKEN_ENV = "AIGC_API_TOKEN"
 TOKEN_FILE_ENV = "AIGC_API_TOKEN_FILE"
-OPEN_PATHS = frozenset({"/healthz", "/docs", "/openapi.json", "/docs/oauth2-redirect"})  # no secrets there
+# No secrets there. The playground page and its two files are open too (they ask for the token when the API
+# answers 401); serving/playground's PAGE_PATHS lists the same paths.
+OPEN_PATHS = frozenset({"/healthz", "/docs", "/openapi.json", "/docs/oauth2-redirect",
+                        "/", "/playground/app.js", "/playground/style.css"})
 
 
 def resolve_token(token_env: str = TOKEN_ENV, token_file: str = "") -> str:
