@@ -1,8 +1,13 @@
 """aigc-ray: train, tune, evaluate and serve image generators on Ray."""
 
 import os as _os
+from importlib.metadata import PackageNotFoundError as _NotInstalled
+from importlib.metadata import version as _installed_version
 
-__version__ = "0.1.0"
+try:
+    __version__ = _installed_version("aigc-ray")  # pyproject.toml's, as installed: one place for it
+except _NotInstalled:  # a source tree that was never installed
+    __version__ = "0+unknown"
 
 if _os.environ.get("AIGC_RAY_EVAL_WORKER") == "background":
     # A training run's evaluation worker (its runtime_env sets this, train/validation.py): lower its

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import yaml
 
+from aigc_ray import __version__
 from aigc_ray.config import ConfigError, ExperimentConfig, load_config, named_configs
 
 
@@ -189,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="aigc-ray", description="Train, tune, evaluate and serve image generators (GANs, VAEs) on Ray.",
         epilog="Offline defaults: `aigc-ray train` trains the dcgan-digits config on a local Ray.")
-    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -363,15 +364,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 VERBOSE_HELP = "also show Ray's own log lines (INFO, its token-auth notice) and full tracebacks"
-
-
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("aigc-ray")
-    except PackageNotFoundError:  # run from a source tree that was never installed
-        return "(not installed)"
 
 
 def main(argv: list[str] | None = None) -> int:
