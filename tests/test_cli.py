@@ -21,8 +21,10 @@ def test_help_explains_each_command(command):
 
 
 def test_prepare_prints_counts_and_the_output_path(tmp_path):
-    out = aigc("prepare", "--dataset", "digits", "--out", str(tmp_path / "d"), "--image-size", "8").stdout
+    proc = aigc("prepare", "--dataset", "digits", "--out", str(tmp_path / "d"), "--image-size", "8")
+    out = proc.stdout
     assert '"train":' in out and out.strip().splitlines()[-1] == str(tmp_path / "d")
+    assert "\r" not in proc.stderr and "img/s" not in proc.stderr  # no progress bar in a log: it leaves stale lines
     again = aigc("prepare", "--dataset", "digits", "--out", str(tmp_path / "d"), check=False)
     assert again.returncode == 2 and "--overwrite" in again.stderr  # a clear error, no traceback
     assert "Traceback" not in again.stderr

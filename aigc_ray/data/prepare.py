@@ -201,8 +201,11 @@ def _write_shards(source: Source, tmp: Path, image_size: int, channels: int, qui
         shards[split].append(name)
         rows[split] = []
 
+    # a bar on a terminal only (None: off when stderr is a file or pipe, where its carriage returns leave
+    # stale lines), and only for a prepare that takes a while (delay): the first image's rate, slowed by
+    # imports, made the bar of a one-second prepare promise "38:38" left
     progress = tqdm(source.records, total=source.size_hint, desc=f"prepare {source.name}"[:60], unit="img",
-                    disable=quiet, mininterval=1.0, leave=False)
+                    disable=True if quiet else None, mininterval=1.0, delay=2.0, leave=False)
     for record in progress:
         done += 1
         if record.skip:
