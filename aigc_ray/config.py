@@ -253,11 +253,28 @@ class EvalConfig:
 
 
 @dataclass
+class TrackConfig:
+    tensorboard: bool = True
+    """TensorBoard event files in the run directory, beside metrics.jsonl: losses, D outputs, images/s, each
+    evaluation's metrics (with floor and interval), the epoch sample grids and the resolved config
+    (`tensorboard --logdir runs/`; aigc_ray/train/tracking.py)."""
+    mlflow_uri: str = ""
+    """Also log the run to MLflow at this tracking URI (e.g. file:./mlruns or http://HOST:5000), through Ray's
+    MLflow integration; needs mlflow installed (`pip install mlflow`, not a dependency). "" = off."""
+    mlflow_experiment: str = "aigc-ray"
+    """The MLflow experiment runs are logged under (created when missing)."""
+
+    def __post_init__(self) -> None:
+        _check(bool(self.mlflow_experiment.strip()), "track.mlflow_experiment must not be empty")
+
+
+@dataclass
 class ExperimentConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    track: TrackConfig = field(default_factory=TrackConfig)
 
     def __post_init__(self) -> None:
         _check(self.model.image_size == self.data.image_size,
@@ -317,7 +334,8 @@ class ExperimentConfig:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
-_SECTION_TYPES = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "eval": EvalConfig}
+_SECTION_TYPES = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "eval": EvalConfig,
+                  "track": TrackConfig}
 _TYPE_NAMES = {"int": int, "float": (int, float), "str": str, "bool": bool, "dict": dict}
 # Settings that were flat fields before they moved to their family's options (checkpoints and
 # configs written before then still load): (section, key) -> the option's name.

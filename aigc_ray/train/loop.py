@@ -37,6 +37,8 @@ from aigc_ray.pipeline import grid_png, to_uint8
 from aigc_ray.train.batchnorm import average_batchnorm_stats
 from aigc_ray.train.engine import Engine, lr_scale
 from aigc_ray.train.resume import check_resumable, load_resume_state
+from aigc_ray.train.tracking import RunTracker
+from aigc_ray.train.tracking import check as tracking_check
 from aigc_ray.train.validation import (
     UNSCORED,
     best_checkpoint,
@@ -174,6 +176,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                                            placement_labels(record and os.path.dirname(record))))
     z_fixed, labels_fixed = fixed_noise(cfg, device)
     history = read_history(run_dir) if rank == 0 else []
+    tracker = RunTracker(cfg, run_dir) if rank == 0 else None  # TensorBoard (and MLflow), beside metrics.jsonl
     t = cfg.train
 
     def report(metrics: dict, epoch: int, batch_in_epoch: int, with_checkpoint: bool, validate: bool = False) -> None:
@@ -214,6 +217,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         else:
             ray.train.report({})
     started = time.perf_counter()
+    recent_s: list[float] = []  # the last epochs' times, for the ETA in the epoch line
     for epoch in range(start_epoch, t.epochs):
         sums: dict[str, torch.Tensor | float] = {}
         # epoch_time_s runs from the end of the previous epoch's steps, so it includes that
@@ -245,14 +249,17 @@ def train_loop_per_worker(loop_config: dict) -> None:
             history.append(metrics)
             if loop_config.get("validate"):
                 merge_evals(run_dir, history)  # FIDs of epochs evaluated so far, into metrics.jsonl
-            _write_epoch_artifacts(run_dir, history, engine, cfg, z_fixed, labels_fixed, batches, epoch, last)
-            _say(_epoch_line(metrics, t.epochs))
+            _write_epoch_artifacts(run_dir, history, engine, cfg, z_fixed, labels_fixed, batches, epoch, last, tracker)
+            recent_s = [*recent_s[-2:], elapsed]
+            _say(_epoch_line(metrics, t.epochs, 0.0 if last else sum(recent_s) / len(recent_s) * (t.epochs - epoch - 1)))
         every = cfg.eval.every_epochs
         evaluate = bool(loop_config.get("validate")) and (last or bool(every and (epoch + 1) % every == 0))
         report(metrics, epoch + 1, 0, with_checkpoint=last or evaluate or (epoch + 1) % t.checkpoint_every_epochs == 0,
                validate=evaluate)
         if done:
             break
+    if tracker is not None:
+        tracker.close()
 
 
 def _say(line: str) -> None:
@@ -281,21 +288,27 @@ def _grid_images(engine: Engine, cfg: ExperimentConfig, z, labels, batches: Shar
     return engine.sample_grid(z, labels, real)
 
 
-def _write_epoch_artifacts(run_dir, history, engine, cfg, z, labels, batches, epoch: int, last: bool) -> None:
-    """Rank 0 only: metrics.jsonl (rewritten whole, so a resumed run keeps earlier epochs)
-    and the fixed-noise sample grid for this epoch."""
+def _write_epoch_artifacts(run_dir, history, engine, cfg, z, labels, batches, epoch: int, last: bool,
+                           tracker: RunTracker | None = None) -> None:
+    """Rank 0 only: metrics.jsonl (rewritten whole, so a resumed run keeps earlier epochs), the
+    fixed-noise sample grid for this epoch, and the same epoch in TensorBoard / MLflow (tracking.py)."""
     lines = "".join(json.dumps(h) + "\n" for h in history)
     storage.write_bytes(storage.join(run_dir, "metrics.jsonl"), lines.encode())
+    png = None
     if (epoch + 1) % cfg.train.sample_every == 0 or last:
         png = grid_png(to_uint8(_grid_images(engine, cfg, z, labels, batches)), nrow=GRID_SIDE)
         storage.write_bytes(storage.join(run_dir, "samples", f"epoch_{epoch + 1:03d}.png"), png)
+    if tracker is not None:
+        tracker.log_epoch(epoch + 1, history[-1], png)
 
 
-def _epoch_line(m: dict, epochs: int) -> str:
+def _epoch_line(m: dict, epochs: int, eta_s: float = 0.0) -> str:
+    """One line per epoch; `eta_s`: the time the remaining epochs will take at the last epochs' pace."""
     skip = {"epoch", "step", "images_per_s", "epoch_time_s"}
     parts = " ".join(f"{k}={v:.4f}" for k, v in m.items() if k not in skip)
+    eta = f" eta {int(eta_s // 60)}m{int(eta_s % 60):02d}s" if eta_s > 0 else ""
     return (f"epoch {m['epoch']:>3}/{epochs} step {m['step']:>6} {parts} "
-            f"{m['images_per_s']:.0f} img/s {m['epoch_time_s']:.1f}s")
+            f"{m['images_per_s']:.0f} img/s {m['epoch_time_s']:.1f}s{eta}")
 
 
 # --- driver side -------------------------------------------------------------------------
@@ -443,6 +456,7 @@ def build_trainer(cfg: ExperimentConfig, *, callbacks=(), validation_config=None
 
 def run_training(cfg: ExperimentConfig, *, address: str | None = None) -> TrainingOutcome:
     ensure_prepared(cfg.data, cfg.train.seed)  # a bad dataset fails here, before Ray starts
+    tracking_check(cfg)  # so does track.mlflow_uri without mlflow installed
     init_ray(address, cfg.train.workers)
     trainer, run_dir = build_trainer(cfg)
     _say_what_runs(cfg, trainer)

@@ -20,6 +20,7 @@ import ray.train
 
 from aigc_ray import storage
 from aigc_ray.config import ExperimentConfig
+from aigc_ray.train import tracking
 from aigc_ray.train.background import run_in_background
 
 EVALS = "evals"
@@ -47,9 +48,11 @@ def validate(checkpoint: ray.train.Checkpoint, run_dir: str, num_samples: int, s
 
 
 def record_eval(run_dir: str, card: dict, metrics: dict, checkpoint_path: str) -> None:
-    """<run>/evals/epoch_N.json: what an evaluation measured (merged into metrics.jsonl)."""
+    """<run>/evals/epoch_N.json: what an evaluation measured (merged into metrics.jsonl), and its TensorBoard /
+    MLflow record (tracking.log_evaluation: this is the one writer of an evaluation's numbers)."""
     record = {"epoch": card["epoch"], "step": card["step"], **metrics, "checkpoint": checkpoint_path}
     storage.write_json(storage.join(run_dir, EVALS, f"epoch_{card['epoch']:05d}.json"), record, indent=None)
+    tracking.log_evaluation(run_dir, card["epoch"], metrics)  # the same numbers in TensorBoard (and MLflow)
 
 
 def validation_config(cfg: ExperimentConfig, run_dir: str) -> ray.train.ValidationConfig:

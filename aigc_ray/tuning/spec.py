@@ -246,6 +246,9 @@ class SweepSpec:
             _check(not bad, f"search_alg=optuna can't take grid dimensions: space.{', space.'.join(bad)}")
         if self.scheduler.type == "pbt":
             self._check_pbt(family)
+        from aigc_ray.train.tracking import check as check_tracking  # (no Ray import)
+
+        check_tracking(cfg)  # track.mlflow_uri in the overrides, without mlflow installed: before any trial
         return cfg
 
     def _check_metric(self, family) -> None:
