@@ -13,6 +13,7 @@ from __future__ import annotations
 import inspect
 import json
 import logging
+import math
 import os
 import sys
 import tempfile
@@ -306,7 +307,8 @@ def _epoch_line(m: dict, epochs: int, eta_s: float = 0.0) -> str:
     """One line per epoch; `eta_s`: the time the remaining epochs will take at the last epochs' pace."""
     skip = {"epoch", "step", "images_per_s", "epoch_time_s"}
     parts = " ".join(f"{k}={v:.4f}" for k, v in m.items() if k not in skip)
-    eta = f" eta {int(eta_s // 60)}m{int(eta_s % 60):02d}s" if eta_s > 0 else ""
+    left = math.ceil(eta_s)
+    eta = f" eta {left // 60}m{left % 60:02d}s" if left > 0 else ""
     return (f"epoch {m['epoch']:>3}/{epochs} step {m['step']:>6} {parts} "
             f"{m['images_per_s']:.0f} img/s {m['epoch_time_s']:.1f}s{eta}")
 

@@ -46,7 +46,9 @@ def numbers(metrics: dict[str, Any]) -> dict[str, float]:
 
 def _stopped(what: str, err: BaseException) -> None:
     """Said once per tracker: the caller drops the tracker that failed."""
-    print(f"warning: {what} tracking stopped for this run: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
+    # (not print: in a Train worker, Ray's patched print also logs it, and the line shows twice)
+    sys.stderr.write(f"warning: {what} tracking stopped for this run: {type(err).__name__}: {err}\n")
+    sys.stderr.flush()
 
 
 def _event_writer(run_dir: str, role: str):
