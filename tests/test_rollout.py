@@ -109,6 +109,13 @@ def _during(app, argv: list[str]) -> tuple[int, list]:
         return code, load.result()
 
 
+def test_an_app_without_an_encoder_does_not_offer_reconstruct(app):
+    """schemathesis found a schema-valid /v1/reconstruct refused with 422 by an app of GANs alone."""
+    r = app["http"].post("/v1/reconstruct", json={"images": [""]})
+    assert r.status_code == 404 and r.json()["error"].startswith("model: no served model can reconstruct"), r.text
+    assert "/v1/reconstruct" not in app["http"].get("/openapi.json").json()["paths"]
+
+
 def test_a_worse_candidate_is_refused_and_nothing_changes(app, capsys):
     from aigc_ray.serving import rollout
 

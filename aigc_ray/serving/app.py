@@ -224,7 +224,7 @@ class Ingress(GrpcMethods):
         if name is None and op == "reconstruct":  # the first model with an encoder
             able = [i["name"] for i in await self._infos(max_age_s=10.0) if i["can_reconstruct"]]
             if not able:
-                raise BadRequest("model: no served model can reconstruct (needs a vae or ae)")
+                raise UnknownModel("model: no served model can reconstruct (needs a vae or ae)")
             name = able[0]
         name = name or self.default
         if name not in self.models:
@@ -463,7 +463,14 @@ def start(host: str = "127.0.0.1", http_port: int = 8000, grpc_port: int = 9000,
     serve.start(http_options=HTTPOptions(host=host, port=http_port, request_timeout_s=request_timeout_s + 5),
                 grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=GRPC_SERVICERS,
                                          request_timeout_s=request_timeout_s + 5),
-                logging_config={"enable_access_log": access_log})
+                logging_config=_serve_logging(access_log))
+
+
+def _serve_logging(access_log: bool) -> dict:
+    """Serve's controller, proxies and replicas log at INFO; a command's quiet console (no -v) keeps their warnings."""
+    from aigc_ray import console
+
+    return {"enable_access_log": access_log, **({} if console.verbose() else {"log_level": "WARNING"})}
 
 
 def deploy(args: dict, blocking: bool = False, name: str = APP_NAME) -> DeploymentHandle:

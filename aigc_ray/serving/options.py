@@ -194,9 +194,22 @@ def deployed_openapi(schema: dict, deployed: dict[str, Any]) -> dict:
         item = {"type": "integer", "minimum": 0, "maximum": classes - 1}
         if field == "labels":
             props[field]["anyOf"] = [{"type": "array", "items": item, "minItems": 1, "maxItems": limit}, {"type": "null"}]
+            bodies[body]["oneOf"] = labels_match_num_images(limit)
         else:
             props[field]["anyOf"] = [item, {"type": "null"}]
+    if not deployed["reconstruct"]:  # no served model has an encoder: the operation is not offered (404)
+        schema.get("paths", {}).pop("/v1/reconstruct", None)
+        bodies.pop("ReconstructBody", None)
     return schema
+
+
+def labels_match_num_images(limit: int) -> list[dict]:
+    """`labels` is one label for all images or one per image: none or 1 item, or exactly num_images items.
+    JSON Schema has no "equals another field", so one alternative per count n (2..limit), exclusive of
+    each other: a oneOf (schemathesis's canonicaliser gives up on an anyOf or if/then this long)."""
+    return [{"properties": {"labels": {"anyOf": [{"type": "array", "maxItems": 1}, {"type": "null"}]}}}] + [
+        {"properties": {"num_images": {"const": n}, "labels": {"type": "array", "minItems": n, "maxItems": n}},
+         "required": ["num_images", "labels"]} for n in range(2, limit + 1)]
 
 
 RUNTIME: dict[str, Any] = {}
