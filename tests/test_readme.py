@@ -182,7 +182,9 @@ def _quoted_figures(text: str) -> list[tuple[str, float, int, str, str]]:
 def test_figures_quoted_from_bench_results_match_the_results_file():
     """A measured figure is quoted as a link to the results file the bench wrote and the value's key in it:
     `[1.35x](bench/results/NAME.json#key.sub)`. The figure, rounded as written, must be the file's value."""
-    for text, shown, decimals, path, key in _quoted_figures(README):
+    quoted = _quoted_figures(README)
+    assert quoted, "no figure is quoted from bench/results (the pattern no longer matches the README?)"
+    for text, shown, decimals, path, key in quoted:
         value = json.loads((ROOT / path).read_text())
         for part in key.split("."):
             value = value[int(part)] if isinstance(value, list) else value[part]
