@@ -153,7 +153,9 @@ function showCard(card) {
 function showModel() {
   const m = selected();
   if (!m) return;
-  for (const id of ["grid-figure", "frame-figure", "rec-figures"]) $(id).hidden = true;  // another model's images
+  // another model's images and messages
+  for (const id of ["grid-figure", "frame-figure", "rec-figures"]) $(id).hidden = true;
+  for (const id of ["interpolate-message", "reconstruct-message"]) say($(id), "");
   const info = [["family", m.family], ["version", m.version || "none loaded"],
     ["images", m.image_size ? `${m.image_size}x${m.image_size}, ${m.channels} channel${m.channels === 1 ? "" : "s"}` : undefined],
     ["classes", m.num_classes ? String(m.num_classes) : "unconditional"]];
