@@ -197,26 +197,34 @@ def test_bad_input_and_refused_uploads_show_the_apis_message(page, served):
             f"The server refused this (422): {refused.json()['error']}")
 
 
-def test_a_degraded_model_and_an_overloaded_server_are_explained(page, served):
+def test_a_degraded_conditional_model_and_an_overloaded_server_are_explained(page, served):
     """The API's answers for states a test cannot cheaply cause (a failed swap, a full queue: test_serving causes
-    both), given to the page in the API's own shape."""
+    both; a class-conditional model), given to the page in the API's own shape."""
     expect = playwright.expect
     reason = "checkpoint /runs/missing: not found; still serving the last one that loaded"
+    sent = []
 
     def degrade(route):
         answer = route.fetch()
         if answer.status != 200:  # the first call, with no token: the real 401
             return route.fulfill(response=answer)
         body = answer.json()
-        body["models"][0].update(degraded=True, last_error=reason)
+        body["models"][0].update(degraded=True, last_error=reason, num_classes=3)
         route.fulfill(response=answer, json=body)
 
+    def overloaded(route):
+        sent.append(route.request.post_data_json)
+        route.fulfill(status=503, headers={"Retry-After": "1"},
+                      json={"error": "model: overloaded, its queue is full; retry later"})
+
     page.route("**/v1/models", degrade)
-    page.route("**/v1/generate", lambda route: route.fulfill(
-        status=503, headers={"Retry-After": "1"}, json={"error": "model: overloaded, its queue is full; retry later"}))
+    page.route("**/v1/generate", overloaded)
     _sign_in(page)
     expect(page.locator("#degraded")).to_have_text(f"This model is degraded: {reason}")
     expect(page.locator("#model option").first).to_have_text("gan (dcgan, degraded)")
+    expect(page.locator("#gen-class option")).to_have_count(4)  # by seed, class 0..2
+    page.select_option("#gen-class", "2")
     page.click("#generate-form button")
     expect(page.locator("#generate-message")).to_have_text(
         "The server is busy (503): model: overloaded, its queue is full; retry later (Retry-After: 1 s)")
+    assert sent == [{"model": "gan", "num_images": 16, "seed": 42, "grid": True, "labels": [2]}]
