@@ -141,3 +141,16 @@ def test_blank_bytes_do_not_crash_prepare(tmp_path):
     with pytest.raises(PrepareError, match="no usable images"):
         prepare(f"folder:{tmp_path / 'src'}", tmp_path / "out", image_size=8, quiet=True)
     assert not (tmp_path / "out").exists()
+
+
+def test_prepare_says_how_far_it_is_in_a_log(tmp_path, monkeypatch, capsys):
+    """Off a terminal (here: captured stderr) the bar is off; a long prepare prints a line every PROGRESS_LINE_S
+    seconds instead (0 here: one per image) with its count, rate and ETA."""
+    import re
+
+    from aigc_ray.data import prepare as prepare_module
+
+    monkeypatch.setattr(prepare_module, "PROGRESS_LINE_S", 0.0)
+    prepare("digits", tmp_path / "out", image_size=8)
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("prepare digits: ")]
+    assert lines and re.fullmatch(r"prepare digits: \d+/1797 images, \d+ img/s, eta \d+m\d\ds", lines[0]), lines[:2]

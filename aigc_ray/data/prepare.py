@@ -16,7 +16,9 @@ import json
 import os
 import shutil
 import struct
+import sys
 import tempfile
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -41,8 +43,33 @@ MAX_FILE_BYTES = 64 * 2**20  # per-file caps (prepare's --max-file-bytes / --max
 MAX_PIXELS = 64 * 2**20  # over them is counted under its reason, never read or decoded
 
 
+PROGRESS_LINE_S = 30.0  # off a terminal (a log), where the bar is off: a progress line this often
+
+
 class PrepareError(ValueError):
     pass
+
+
+class _ProgressLines:
+    """For a log, where tqdm's bar is off: every PROGRESS_LINE_S seconds, one line with the count, the rate and
+    how long the rest will take (a prepare shorter than that prints none)."""
+
+    def __init__(self, name: str, total: int | None, off: bool):
+        self.name, self.total, self.off = name, total, off
+        self.started = time.monotonic()
+        self.due = self.started + PROGRESS_LINE_S
+
+    def tick(self, done: int) -> None:
+        now = time.monotonic()
+        if self.off or now < self.due:
+            return
+        self.due = now + PROGRESS_LINE_S
+        rate = done / max(now - self.started, 1e-9)
+        line = f"prepare {self.name}: {done}" + (f"/{self.total}" if self.total else "") + f" images, {rate:.0f} img/s"
+        if self.total and done < self.total:
+            left = int((self.total - done) / rate + 0.999)
+            line += f", eta {left // 60}m{left % 60:02d}s"
+        print(line, file=sys.stderr, flush=True)
 
 
 def read_manifest(directory: str | Path) -> dict[str, Any]:
@@ -206,8 +233,10 @@ def _write_shards(source: Source, tmp: Path, image_size: int, channels: int, qui
     # imports, made the bar of a one-second prepare promise "38:38" left
     progress = tqdm(source.records, total=source.size_hint, desc=f"prepare {source.name}"[:60], unit="img",
                     disable=True if quiet else None, mininterval=1.0, delay=2.0, leave=False)
+    lines = _ProgressLines(source.name, source.size_hint, off=quiet or sys.stderr.isatty())
     for record in progress:
         done += 1
+        lines.tick(done)
         if record.skip:
             skipped[record.skip] = skipped.get(record.skip, 0) + 1
             continue
