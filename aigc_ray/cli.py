@@ -73,9 +73,12 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from aigc_ray.train.loop import main_print, run_training
-
     cfg = config_from_args(args)
+    if getattr(cfg, "modality", "image") == "text":  # a language model (gpt-stdlib, ...): train/text_loop.py
+        from aigc_ray.train.text_loop import main_print, run_text_training as run_training
+    else:
+        from aigc_ray.train.loop import main_print, run_training
+
     if not cfg.train.name:  # a fresh run each time; pass --name to resume one
         import time
 

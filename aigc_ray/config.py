@@ -398,7 +398,8 @@ def named_configs() -> list[str]:
 
 
 def load_config(name_or_path: str | None) -> ExperimentConfig:
-    """Load a shipped config by name, or a YAML file by path; None gives the defaults."""
+    """Load a shipped config by name, or a YAML file by path; None gives the defaults. A file that says
+    ``modality: text`` gives a TextExperimentConfig (aigc_ray/text_config.py) instead."""
     if not name_or_path:
         return ExperimentConfig()
     path = Path(name_or_path)
@@ -412,6 +413,10 @@ def load_config(name_or_path: str | None) -> ExperimentConfig:
             raise ConfigError(f"no config named {name_or_path!r}; shipped: {', '.join(named_configs())}")
         text = shipped.read_text()
     raw = yaml.safe_load(text) or {}
+    if isinstance(raw, dict) and raw.get("modality") == "text":  # a language-model run (text_config.py)
+        from aigc_ray.text_config import TextExperimentConfig
+
+        return TextExperimentConfig.from_dict(raw)
     cfg = ExperimentConfig.from_dict(raw)
     check_family_keys(cfg, [f"{sec}.{key}" for sec, values in raw.items() if isinstance(values, dict) for key in values])
     return cfg

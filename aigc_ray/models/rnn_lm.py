@@ -1,0 +1,61 @@
+"""rnn-lm: a GRU or LSTM language model over bytes, the recurrent baseline beside gpt.
+
+Embedding -> stacked GRU/LSTM -> LayerNorm -> head tied to the embedding. Its state (the hidden state,
+and the LSTM's cell) is what decoding carries, so each new token costs one step whatever came before.
+
+Torch only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from aigc_ray.models.text_registry import TextFamily, register_text
+
+CELLS = ("gru", "lstm")
+
+
+@dataclass
+class RNNOptions:
+    cell: str = "gru"
+    """gru | lstm."""
+
+    def __post_init__(self) -> None:
+        if self.cell not in CELLS:
+            raise ValueError(f"model.options.cell={self.cell!r}: use one of {CELLS}")
+
+
+class RNNLM(nn.Module):
+    max_context = None  # a recurrent state holds any number of positions
+
+    def __init__(self, vocab_size: int, width: int, depth: int, dropout: float, cell: str):
+        super().__init__()
+        self.vocab_size = vocab_size
+        self.emb = nn.Embedding(vocab_size, width)
+        rnn = nn.GRU if cell == "gru" else nn.LSTM
+        self.rnn = rnn(width, width, num_layers=depth, batch_first=True, dropout=dropout if depth > 1 else 0.0)
+        self.drop = nn.Dropout(dropout)
+        self.ln = nn.LayerNorm(width)
+        nn.init.normal_(self.emb.weight, 0.0, 0.02)
+
+    def forward(self, tokens: torch.Tensor, state=None, use_cache: bool = False):
+        out, new_state = self.rnn(self.drop(self.emb(tokens)), state)  # (B, T, W); h (depth, B, W) [, c]
+        logits = F.linear(self.ln(self.drop(out)), self.emb.weight)  # tied head: (B, T, vocab)
+        return logits, (new_state if use_cache else None)
+
+
+@register_text
+class RNNFamily(TextFamily):
+    name = "rnn-lm"
+    summary = "GRU or LSTM language model (the recurrent baseline), head tied to the embedding"
+    Options = RNNOptions
+
+    def build(self, cfg) -> nn.Module:
+        return RNNLM(cfg.vocab_size, cfg.width, cfg.depth, cfg.dropout, cfg.opts.cell)
+
+    def check(self, cfg) -> None:
+        pass
