@@ -2,10 +2,12 @@
 
 Cleaning drops undecodable files, blank (near-constant) images and exact duplicates
 (same decoded pixels), each counted in the manifest. Conversion makes every image the
-same size and channel count and stores PNG bytes. A deterministic ~20% hold-out split
-("test") feeds the quality floor. The source is only read. Everything is written to a
-temporary sibling directory that is renamed into place after the manifest is written,
-so an interrupted prepare never leaves a directory that looks complete.
+same size and channel count and stores PNG bytes. The test split, which feeds the quality
+floor, is the source's own where it has one (a torchvision dataset's official test set, a
+folder's test/, a Parquet ``split`` column), else a deterministic ~20% hold-out by pixel hash.
+The source is only read. Everything is written to a temporary sibling directory that is
+renamed into place after the manifest is written, so an interrupted prepare never leaves a
+directory that looks complete.
 """
 
 from __future__ import annotations
@@ -216,6 +218,7 @@ def _write_shards(source: Source, tmp: Path, image_size: int, channels: int, qui
     shards: dict[str, list[str]] = {"train": [], "test": []}
     per_class: dict[str, dict[str, int]] = {"train": {}, "test": {}}
     content = hashlib.sha256()
+    split_by: set[str] = set()  # "source" and/or "hash": who put the images in their split
     done = 0
 
     def flush(split: str) -> None:
@@ -258,9 +261,15 @@ def _write_shards(source: Source, tmp: Path, image_size: int, channels: int, qui
                 progress.write(f"prepare: {record.key}: {err}")
             continue
         seen.add(fingerprint)
-        # split by a hash of the pixels, so the split doesn't depend on source order
-        split = "test" if int.from_bytes(fingerprint[:4], "big") / 2**32 < TEST_FRACTION else "train"
-        content.update(png + record.label.to_bytes(8, "big", signed=True))
+        if record.split:  # the source's own split (an official test set is the floor's held-out set)
+            split = record.split
+            split_by.add("source")
+        else:  # split by a hash of the pixels, so the split doesn't depend on source order
+            split = "test" if int.from_bytes(fingerprint[:4], "big") / 2**32 < TEST_FRACTION else "train"
+            split_by.add("hash")
+        # a source's split is part of the content (the same images split otherwise are another dataset);
+        # a hash split follows from the pixels, so it adds nothing and older hashes stay valid
+        content.update(png + record.label.to_bytes(8, "big", signed=True) + (split.encode() if record.split else b""))
         rows[split].append((png, record.label))
         counts = per_class[split]
         counts[str(record.label)] = counts.get(str(record.label), 0) + 1
@@ -272,8 +281,13 @@ def _write_shards(source: Source, tmp: Path, image_size: int, channels: int, qui
     kept = sum(sum(c.values()) for c in per_class.values())
     if kept == 0:
         raise PrepareError(f"{source.name}: no usable images (dropped: {dropped}, skipped: {skipped})")
+    if split_by == {"source"} and not all(per_class.values()):  # e.g. every test image a duplicate of a train one
+        empty = next(s for s, c in per_class.items() if not c)
+        raise PrepareError(f"{source.name}: its own {empty} split kept no usable images (dropped: {dropped}, "
+                           f"skipped: {skipped})")
     labelled = bool(source.class_names) and all(k != "-1" for c in per_class.values() for k in c)
     return {"format": MANIFEST_FORMAT, "source": source.name, "content_hash": content.hexdigest(),
             "counts": {s: sum(c.values()) for s, c in per_class.items()}, "per_class": per_class,
             "class_names": source.class_names if labelled else [], "num_classes": len(source.class_names) if labelled else 0,
-            "dropped": dropped, "skipped": skipped, "read": done, "shards": shards}
+            "dropped": dropped, "skipped": skipped, "read": done, "shards": shards,
+            "split": "+".join(sorted(split_by))}

@@ -51,3 +51,15 @@ def check_image_schema(schema: pa.Schema, where: str, *, require_label: bool = F
     if not (_is_plain(label) and pat.is_integer(label.type)):
         raise SchemaError(f"{where}: column 'label' has type {_describe(label)}; expected an integer type")
     return True
+
+
+def check_split_column(schema: pa.Schema, where: str) -> bool:
+    """Raise SchemaError unless an optional ``split`` column (the source's own train/test split) is a plain
+    string column (dictionary-encoded allowed, as pandas writes a categorical). Returns whether there is one."""
+    if "split" not in schema.names:
+        return False
+    split = schema.field("split")
+    kind = split.type.value_type if pat.is_dictionary(split.type) else split.type
+    if not (_is_plain(split) and (pat.is_string(kind) or pat.is_large_string(kind))):
+        raise SchemaError(f"{where}: column 'split' has type {_describe(split)}; expected strings ('train' or 'test')")
+    return True

@@ -18,6 +18,7 @@ BUILTIN = ("digits", "shapes")
 TORCHVISION = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST", "cifar10": "CIFAR10"}
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 SHAPE_CLASSES = ("circle", "square", "triangle", "cross")
+SPLITS = ("train", "test")  # what a source may name as an image's split (Record.split)
 
 
 class SourceError(ValueError):
@@ -32,6 +33,9 @@ class Record:
     skip: str = ""
     """Why this entry is passed over without being read (counted under the name in the
     manifest's ``skipped``): not_an_image, outside_source, file_too_large."""
+    split: str = ""
+    """The split the source itself puts this image in (one of SPLITS: a torchvision dataset's official
+    test set, a folder's test/, a Parquet ``split`` column); "" = prepare's hash split decides."""
 
 
 @dataclass
@@ -99,31 +103,86 @@ def _shapes(count: int, size: int, seed: int) -> Iterator[Record]:
 
 
 def _torchvision(dataset: str, root: Path, download: bool) -> Source:
-    import torchvision
+    """Both official splits, the official test set kept as the test split (the floor is the dataset's own
+    test set), read from torchvision's files (data/torchvision_files.py says why not through torchvision)."""
+    from aigc_ray.data import torchvision_files as tvf
 
-    cls = getattr(torchvision.datasets, TORCHVISION[dataset])
+    dataset_class = TORCHVISION[dataset]
     try:
-        ds = cls(str(root / dataset), train=True, download=download)
-    except RuntimeError as err:
-        raise SourceError(f"{dataset} is not in {root / dataset} ({err}). Put it there, or pass --download "
-                          "on a machine that is online; digits and shapes work offline.") from None
+        files = tvf.read_official(dataset, dataset_class, root)
+        if files is None and download:  # torchvision fetches (and md5-checks) them into root/<dataset>
+            import torchvision
+
+            try:
+                getattr(torchvision.datasets, dataset_class)(str(root / dataset), train=True, download=True)
+            except (RuntimeError, OSError) as err:
+                raise SourceError(f"{dataset}: the download into {root / dataset} failed ({err})") from None
+            files = tvf.read_official(dataset, dataset_class, root)
+    except tvf.FileFormatError as err:
+        raise SourceError(f"{dataset}: {err}; replace the file with the dataset's original") from None
+    if files is None:
+        folders = (tvf.cifar_folders(root, dataset) if dataset_class == "CIFAR10"
+                   else tvf.idx_folders(root, dataset, dataset_class))
+        nearest = min(folders, key=lambda f: len(tvf.missing_files(dataset_class, f)))  # a copy half made
+        missing = tvf.missing_files(dataset_class, nearest)
+        others = " or ".join(str(f) for f in folders if f != nearest)
+        raise SourceError(f"{dataset} is not under --data-root {root}: expected {', '.join(missing)} in {nearest} "
+                          f"(or the whole set in {others}). Copy torchvision's files there, or pass --download on a "
+                          "machine that is online; digits and shapes work offline.")
 
     def records() -> Iterator[Record]:
-        for i in range(len(ds)):
-            image, label = ds[i]
-            array = np.asarray(image, dtype=np.uint8)
-            yield Record(f"{dataset}/{i}", array[..., None] if array.ndim == 2 else array, int(label))
+        for split in SPLITS:
+            part = getattr(files, split)
+            for i in range(len(part.labels)):
+                yield Record(f"{dataset}/{split}/{i}", part.images[i], int(part.labels[i]), split=split)
 
-    return Source(dataset, [str(c) for c in ds.classes], records(), len(ds))
+    return Source(dataset, files.class_names, records(), len(files.train.labels) + len(files.test.labels))
 
 
 def _folder(path: Path, max_file_bytes: int) -> Source:
-    """Sub-folders are classes; files directly in the root are unlabelled. Every path is
-    resolved and must stay inside the source: a symlink out of it (a file, or a class folder
-    such as ``ln -s / src/cls``) is never followed, only counted."""
+    """Sub-folders are classes; files directly in the root are unlabelled. A root holding only
+    ``train/`` and ``test/`` has its own split: each is laid out so (class folders, or loose files),
+    and a class is the same class in both (by folder name). Every path is resolved and must stay
+    inside the source: a symlink out of it (a file, or a class folder such as ``ln -s / src/cls``)
+    is never followed, only counted."""
     if not path.is_dir():
         raise SourceError(f"folder:{path} is not a directory")
     root = path.resolve()
+    top = {p.name for p in path.iterdir() if p.is_dir() and not p.is_symlink()}
+    if not (top and top <= set(SPLITS)):
+        classes = _class_folders(path)
+        return Source(f"folder:{path}", classes, *_folder_records(path, root, classes, "", max_file_bytes))
+    for split in SPLITS:
+        if split not in top:
+            raise SourceError(f"folder:{path} has {'/ and '.join(sorted(top))}/ but no {split}/: a folder with its own "
+                              f"split needs both {'/ and '.join(SPLITS)}/ (the same class folders in each); to have "
+                              "aigc-ray hold out a test split itself, put the class folders directly in the root")
+    for split in SPLITS:  # before the layout checks below: an empty test/ is the likelier slip
+        if not any(f.suffix.lower() in IMAGE_SUFFIXES for f in _walk(path / split)):
+            raise SourceError(f"folder:{path}: {split}/ holds no image files; put the {split} images there "
+                              "(class folders as in the other split), or remove train/ and test/ and put the class "
+                              "folders in the root to have aigc-ray hold out a test split itself")
+    per_split = {split: _class_folders(path / split) for split in SPLITS}
+    if len({bool(c) for c in per_split.values()}) > 1:
+        raise SourceError(f"folder:{path}: train/ and test/ must both hold class folders, or both only images")
+    classes = sorted(set().union(*per_split.values()))
+    parts = [_folder_records(path / split, root, classes, split, max_file_bytes) for split in SPLITS]
+
+    def records() -> Iterator[Record]:
+        for part, _ in parts:
+            yield from part
+
+    return Source(f"folder:{path}", classes, records(), sum(n for _, n in parts))
+
+
+def _class_folders(path: Path) -> list[str]:
+    return [p.name for p in sorted(path.iterdir()) if p.is_dir() and not p.is_symlink()]
+
+
+def _folder_records(path: Path, root: Path, classes: list[str], split: str,
+                    max_file_bytes: int) -> tuple[Iterator[Record], int]:
+    """The records of one folder laid out as classes (``classes``, labels by name) or loose images, and
+    how many there are; ``root``: the source's resolved root, which no path may leave."""
 
     def inside(p: Path) -> bool:
         return p.resolve().is_relative_to(root)
@@ -131,21 +190,20 @@ def _folder(path: Path, max_file_bytes: int) -> Source:
     entries = sorted(path.iterdir())
     subdirs = [p for p in entries if p.is_dir() and not p.is_symlink()]
     escaped = [p for p in entries if p.is_dir() and p.is_symlink()]  # class folders that link elsewhere
-    classes = [p.name for p in subdirs]
     if subdirs:
-        files = [(f, i) for i, d in enumerate(subdirs) for f in _walk(d)]
+        files = [(f, classes.index(d.name)) for d in subdirs for f in _walk(d)]
     else:
         files = [(f, -1) for f in _walk(path)]
-
     loose = [p for p in entries if not p.is_dir()] if subdirs else []  # beside the class folders
+    top = path if not split else path.parent  # keys stay relative to the source's root
 
     def records() -> Iterator[Record]:
         for d in escaped:
-            yield Record(str(d.relative_to(path)), b"", -1, skip="outside_source")
+            yield Record(str(d.relative_to(top)), b"", -1, skip="outside_source")
         for f in loose:
-            yield Record(f.name, b"", -1, skip="not_in_a_class_folder")
+            yield Record(str(f.relative_to(top)), b"", -1, skip="not_in_a_class_folder")
         for f, label in files:
-            key = str(f.relative_to(path))
+            key = str(f.relative_to(top))
             if f.is_dir():  # a symlinked folder: never entered
                 yield Record(key, b"", label, skip="symlinked_folder" if inside(f) else "outside_source")
             elif f.suffix.lower() not in IMAGE_SUFFIXES:
@@ -155,11 +213,12 @@ def _folder(path: Path, max_file_bytes: int) -> Source:
             elif f.stat().st_size > max_file_bytes:
                 yield Record(key, b"", label, skip="file_too_large")
             else:
-                yield Record(key, f.read_bytes(), label)
+                yield Record(key, f.read_bytes(), label, split=split)
 
     if not any(f.suffix.lower() in IMAGE_SUFFIXES for f, _ in files):
-        raise SourceError(f"folder:{path} holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
-    return Source(f"folder:{path}", classes, records(), len(files) + len(escaped) + len(loose))
+        raise SourceError(f"folder:{path} holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))})"
+                          + (f"; its {split}/ split needs some" if split else ""))
+    return records(), len(files) + len(escaped) + len(loose)
 
 
 def _walk(directory: Path) -> list[Path]:
@@ -173,11 +232,12 @@ def _walk(directory: Path) -> list[Path]:
 
 
 def _parquet(uri: str, max_file_bytes: int) -> Source:
-    """Parquet with an ``image`` column of encoded bytes and an optional integer ``label``
-    column. Every file's schema is checked before any cell is converted (see data/schema.py)."""
+    """Parquet with an ``image`` column of encoded bytes, an optional integer ``label`` column and an
+    optional ``split`` column ("train" / "test": the data's own split, kept by prepare). Every file's
+    schema is checked before any cell is converted (see data/schema.py)."""
     import pyarrow.dataset as pads
 
-    from aigc_ray.data.schema import check_image_schema
+    from aigc_ray.data.schema import check_image_schema, check_split_column
 
     try:
         ds = pads.dataset(uri, format="parquet")
@@ -187,7 +247,11 @@ def _parquet(uri: str, max_file_bytes: int) -> Source:
     if not schemas:
         raise SourceError(f"parquet:{uri} holds no Parquet files")
     labelled = [check_image_schema(schema, f"parquet:{path}") for path, schema in schemas]
-    columns = ["image", "label"] if all(labelled) else ["image"]
+    has_split = [check_split_column(schema, f"parquet:{path}") for path, schema in schemas]
+    if any(has_split) and not all(has_split):
+        raise SourceError(f"parquet:{uri}: some files have a 'split' column and some don't; give every file one, "
+                          "or none (then aigc-ray holds out a test split itself)")
+    columns = (["image", "label"] if all(labelled) else ["image"]) + (["split"] if all(has_split) else [])
     try:
         table = ds.to_table(columns=columns)
     except (OSError, ValueError) as err:
@@ -195,12 +259,17 @@ def _parquet(uri: str, max_file_bytes: int) -> Source:
     images = table.column("image").to_pylist()  # bytes: the type was checked above
     labels = table.column("label").to_pylist() if "label" in columns else [-1] * len(images)
     labels = [-1 if lab is None else lab for lab in labels]
+    splits = table.column("split").to_pylist() if "split" in columns else [""] * len(images)
+    odd = [v for v in splits if v not in SPLITS] if "split" in columns else []
+    if odd:
+        raise SourceError(f"parquet:{uri}: split {odd[0]!r} is not one of {', '.join(SPLITS)}; every row of a "
+                          "'split' column names its split (or drop the column to have aigc-ray hold out one)")
     bad = [lab for lab in labels if not -1 <= lab < MAX_CLASSES]
     if bad:
         raise SourceError(f"parquet:{uri}: label {bad[0]} out of range; labels are 0..{MAX_CLASSES - 1}, "
                           "or -1 for unlabelled")
     n_classes = max(labels, default=-1) + 1
-    records = (Record(f"parquet/{i}", img or b"", lab, skip="file_too_large" if img and len(img) > max_file_bytes else "")
-               for i, (img, lab) in enumerate(zip(images, labels)))
+    records = (Record(f"parquet/{i}", img or b"", lab, skip="file_too_large" if img and len(img) > max_file_bytes else "",
+                      split=split) for i, (img, lab, split) in enumerate(zip(images, labels, splits)))
     return Source(f"parquet:{uri}", [str(c) for c in range(n_classes)], records, len(images))
 
