@@ -165,7 +165,7 @@ def test_a_parquet_split_column_is_kept_and_checked(tmp_path, crops32):
         open_source(f"parquet:{tmp_path / 'int.parquet'}")
 
 
-@pytest.mark.parametrize("name, channels", [("dcgan-mnist", 1), ("dcgan-fashion-mnist", 1), ("dcgan-cifar10", 3)])
+@pytest.mark.parametrize("name, channels", [("vae-mnist", 1), ("vae-fashion-mnist", 1), ("vae-cifar10", 3)])
 def test_the_real_data_configs_train_32_px_from_the_data_root(name, channels, tmp_path, capsys):
     assert main(["train", "--config", name, "--data-root", str(tmp_path), "--dry-run"]) == 0
     out = capsys.readouterr().out
