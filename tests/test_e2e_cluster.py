@@ -73,6 +73,7 @@ def cluster():
         yield c
 
 
+@pytest.mark.slow
 def test_job_submit_then_serve_deploy_on_a_token_auth_cluster(cluster, tmp_path):
     storage = (tmp_path / "shared").as_uri()  # a shared-storage URI, as $STORAGE is on a real cluster
 

@@ -34,7 +34,9 @@ CASES = [(f, c, 512) for f, c in FAMILIES] + [(f, c, 0) for f, c in FAMILIES
 SHARED_RUNS = {("dcgan", 0, 512): "trained_checkpoint", ("vae", 0, 512): "trained_vae_checkpoint"}
 
 
-@pytest.mark.parametrize(("family", "num_classes", "cache_mb"), CASES,
+# The streamed cases are the slow ones: CI's second stage (.ci/run) runs them.
+@pytest.mark.parametrize(("family", "num_classes", "cache_mb"),
+                         [pytest.param(f, c, m, marks=() if m else pytest.mark.slow) for f, c, m in CASES],
                          ids=[f"{f}{'-cond' if c else ''}-{'cached' if m else 'streamed'}" for f, c, m in CASES])
 def test_family_trains_samples_generates_and_serves(ray_session, tmp_path, data_root, family, num_classes, cache_mb,
                                                      request):

@@ -46,6 +46,7 @@ def test_a_corrupt_latest_checkpoint_resumes_from_the_previous_one(tmp_path, cap
         load_resume_state(Checkpoint.from_directory(str(latest)), str(run))
 
 
+@pytest.mark.slow
 def test_a_run_with_a_corrupt_latest_checkpoint_and_torn_metrics_resumes(ray_session, tmp_path, capfd):
     from pathlib import Path
 

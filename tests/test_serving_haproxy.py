@@ -30,6 +30,7 @@ def test_haproxy_ingress_is_refused_for_a_running_cluster(monkeypatch, capsys):
     assert "RAY_SERVE_ENABLE_HA_PROXY=1" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_serve_behind_haproxy_answers_http_and_grpc_from_the_replica(trained_checkpoint):
     http_port, grpc_port = free_ports(2)
     env = dict(os.environ, RAY_ADDRESS="local", PYTHONUNBUFFERED="1")  # its own Ray, beside the session's

@@ -20,6 +20,7 @@ def _run(cfg):
     return run_training(cfg)
 
 
+@pytest.mark.slow
 def test_two_workers_train_write_a_checkpoint_and_resume(ray_session, tmp_path, data_root):
     cfg = tiny_config(tmp_path).with_overrides({
         "data.data_root": str(data_root), "train.workers": 2, "train.epochs": 1, "train.name": "two-workers",
@@ -45,6 +46,7 @@ def test_two_workers_train_write_a_checkpoint_and_resume(ray_session, tmp_path, 
     assert [h["epoch"] for h in history] == [1, 2]
 
 
+@pytest.mark.slow
 def test_killed_worker_resumes_from_last_checkpoint(ray_session, tmp_path, data_root):
     from ray.util.state import list_actors
 

@@ -147,6 +147,7 @@ def _result_lines(experiment: Path) -> dict[str, int]:
     return {p.stem: len(p.read_text().splitlines()) for p in (experiment / "history").glob("*.jsonl")}
 
 
+@pytest.mark.slow
 def test_asha_sweep_interrupted_resumed_and_exported(ray_session, tmp_path, data_root):
     # lr_g 2e-3 learns in one epoch; 1e-6 barely moves from its initialisation. One trial at a
     # time, the good one first: the sweep is interrupted once it has finished, so the two
@@ -218,6 +219,7 @@ def test_asha_sweep_interrupted_resumed_and_exported(ray_session, tmp_path, data
 
 # --- PBT: the trial's (mutated) hyperparameters are in force from the first start ----------
 
+@pytest.mark.slow
 def test_pbt_applies_mutated_hyperparameters(ray_session, tmp_path, data_root):
     from aigc_ray.tuning.sweep import read_history, run_sweep
 

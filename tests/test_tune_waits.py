@@ -138,6 +138,7 @@ def test_an_ended_trials_placement_group_is_released_once_its_workers_are_gone(r
     assert placement_group_table(pg)["state"] == "REMOVED"
 
 
+@pytest.mark.slow
 def test_sweep_reports_a_trial_whose_data_cannot_start_and_goes_on(ray_session, hog, tmp_path, data_root, capfd):
     """One trial streams through Ray Data, whose read tasks find no free CPU (0.5 left beside its
     worker); the other reads its small dataset in memory. The first fails within its bound, the
@@ -161,6 +162,7 @@ def test_sweep_reports_a_trial_whose_data_cannot_start_and_goes_on(ray_session, 
     assert "sweep stall at" in err and "running 1" in err  # the status line
 
 
+@pytest.mark.slow
 def test_soak_short(ray_session, tmp_path):
     """The soak bench's short version: one smoke sweep of one trial (on the session's cluster),
     bounded; no hang, no failed trial. Sweeps of several trials at once, stopped early by ASHA, are
