@@ -1,6 +1,8 @@
-"""Minimal gRPC client: health check, then generate images and write them as PNG files.
+"""Minimal gRPC client: health check, then generate images and write them as PNG files, or (text mode,
+--prompt) continue a prompt with a text model and print the server stream as it arrives.
 
     python serve/client_grpc.py --target 127.0.0.1:9000 --num-images 4 --seed 42 --out-dir out/
+    python serve/client_grpc.py --prompt "def main():" --max-new-tokens 200 --seed 1
 """
 
 import argparse
@@ -24,10 +26,15 @@ def main() -> int:
     p.add_argument("--out-dir", default="generated", help="where the PNG files go (default: generated)")
     p.add_argument("--token", default=os.environ.get("AIGC_API_TOKEN"),
                    help="bearer token the server asks for (default: the AIGC_API_TOKEN environment variable)")
+    p.add_argument("--prompt", help="text mode: the prompt a text model continues (streamed to stdout)")
+    p.add_argument("--max-new-tokens", type=int, default=200, help="text mode: bytes to generate at most")
+    p.add_argument("--temperature", type=float, default=0.8, help="text mode: 0 = greedy")
     args = p.parse_args()
     with grpc.insecure_channel(args.target) as channel:
         status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10).status
         print("health:", health_pb2.HealthCheckResponse.ServingStatus.Name(status), file=sys.stderr)
+        if args.prompt is not None:
+            return complete(channel, args)
         request = aigc_pb2.GenerateRequest(model=args.model, num_images=args.num_images,
                                            labels=[int(v) for v in args.labels.split(",")] if args.labels else [])
         if args.seed is not None:
@@ -44,6 +51,26 @@ def main() -> int:
         path = out / f"{resp.model_version}_seed{seed}.png"
         path.write_bytes(image)
         print(path)
+    return 0
+
+
+def complete(channel, args) -> int:
+    """aigc.v1.Generator/Complete (server streaming): print each piece as its chunk arrives."""
+    request = aigc_pb2.CompleteRequest(model=args.model, prompt=args.prompt, max_new_tokens=args.max_new_tokens,
+                                       temperature=args.temperature)
+    if args.seed is not None:
+        request.seed = args.seed
+    metadata = [("authorization", f"Bearer {args.token}")] if args.token else []
+    try:
+        for chunk in aigc_pb2_grpc.GeneratorStub(channel).Complete(request, timeout=60, metadata=metadata):
+            if chunk.done:
+                print(f"\n[{chunk.model_version} seed {chunk.seed}: {chunk.tokens} tokens, {chunk.finish_reason}; "
+                      f"AI-generated: {chunk.ai_generated}]", file=sys.stderr)
+            else:
+                print(chunk.text, end="", flush=True)
+    except grpc.RpcError as err:
+        print(f"{err.code().name}: {err.details()}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -57,3 +57,148 @@ def test_rerun_with_the_same_name_resumes(text_run):
     outcome = run_text_training(tiny_text_config(tmp, **{"train.epochs": 3}))
     lines = [json.loads(x) for x in open(f"{outcome.run_dir}/metrics.jsonl").read().splitlines()]
     assert [h["epoch"] for h in lines] == [1, 2, 3] and lines[-1]["step"] == 45  # 30 steps were not redone
+
+
+# ---- serving: a text model beside an image one ---------------------------------------------------------
+
+TOKEN = "text-test-token"
+GRPC: dict = {}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(ray_session, trained_checkpoint, text_run, tmp_path_factory):
+    from ray import serve
+
+    from aigc_ray.serving import app
+
+    token_file = tmp_path_factory.mktemp("token") / "token"
+    token_file.write_text(TOKEN)
+    http_port, grpc_port = _free_port(), _free_port()
+    GRPC["target"] = f"127.0.0.1:{grpc_port}"
+    app.start(host="127.0.0.1", http_port=http_port, grpc_port=grpc_port, request_timeout_s=60)
+    # the image model runs in the ingress, the text model in its own deployment (reached through a handle)
+    app.deploy({"checkpoints": [f"gan={trained_checkpoint}", f"text={text_run[1].checkpoint}"],
+                "max_new_tokens": MAX_NEW_TOKENS, "max_prompt_chars": MAX_PROMPT, "min_replicas": 1,
+                "max_replicas": 1, "replica_cpus": 0.5, "api_token_file": str(token_file)})
+    with httpx.Client(base_url=f"http://127.0.0.1:{http_port}", timeout=60,
+                      headers={"authorization": f"Bearer {TOKEN}"}) as client:
+        yield client
+    serve.shutdown()
+
+
+def _events(body: str) -> list[tuple[str, dict]]:
+    """Server-sent events parsed by hand: (event name, data)."""
+    out = []
+    for chunk in body.strip().split("\n\n"):
+        lines = dict(line.split(": ", 1) for line in chunk.splitlines())
+        out.append((lines.get("event", "message"), json.loads(lines["data"])))
+    return out
+
+
+def test_complete_is_labelled_and_the_same_seed_gives_the_same_text(server):
+    body = {"prompt": "def f(x):\n    return ", "max_new_tokens": 40, "seed": 3, "temperature": 1.0}
+    first = server.post("/v1/complete", json=body)
+    assert first.status_code == 200, first.text
+    out = first.json()
+    assert first.headers["x-ai-generated"] == "true" and out["ai_generated"].startswith("true")
+    assert out["model"] == "text" and out["tokens"] == 40 and out["finish_reason"] == "length" and out["seed"] == 3
+    assert server.post("/v1/complete", json=body).json()["text"] == out["text"]
+    assert server.post("/v1/complete", json={**body, "seed": 4}).json()["text"] != out["text"]
+    assert httpx.post(f"{server.base_url}/v1/complete", json=body).status_code == 401  # no token
+
+
+def test_the_stream_sends_pieces_as_events_and_the_same_text(server):
+    body = {"prompt": "import ", "max_new_tokens": 30, "seed": 5, "top_k": 20, "top_p": 0.9}
+    whole = server.post("/v1/complete", json=body).json()
+    streamed = server.post("/v1/complete", json={**body, "stream": True})
+    assert streamed.status_code == 200 and streamed.headers["content-type"].startswith("text/event-stream")
+    assert streamed.headers["x-ai-generated"] == "true"
+    events = _events(streamed.text)
+    assert events[0][0] == "start" and events[-1][0] == "done" and len(events) > 3
+    assert "".join(e["text"] for kind, e in events if kind == "message") == whole["text"]
+    assert events[-1][1]["ai_generated"].startswith("true") and events[-1][1]["tokens"] == 30
+
+
+def test_bad_text_requests_are_4xx_naming_the_field(server):
+    cases = [({"prompt": "x" * (MAX_PROMPT + 1)}, 422, "prompt"),
+             ({"prompt": "x", "max_new_tokens": MAX_NEW_TOKENS + 1}, 422, "max_new_tokens"),
+             ({"prompt": "x", "max_new_tokens": 0}, 422, "max_new_tokens"),
+             ({"prompt": "x", "temperature": -1}, 422, "temperature"),
+             ({"prompt": "x", "top_p": 0}, 422, "top_p"),
+             ({"prompt": "x", "model": "nope"}, 404, "model"),
+             ({"prompt": "x", "model": "gan"}, 422, "model: gan is an image model"),
+             ({"prompt": 3}, 422, "prompt")]
+    for body, status, field in cases:
+        r = server.post("/v1/complete", json=body)
+        assert r.status_code == status and field in r.json()["error"], (body, r.status_code, r.text)
+    r = server.post("/v1/generate", json={"model": "text", "num_images": 1})
+    assert r.status_code == 422 and "model: text is a text model" in r.json()["error"]
+    r = server.post("/v1/complete", json={"prompt": "naïve ☃ 🐍 ", "max_new_tokens": 5, "seed": 1})
+    assert r.status_code == 200  # any character is in a byte vocabulary: its UTF-8 bytes
+
+
+def test_openapi_states_the_text_limits_and_models_list_the_modality(server):
+    schema = server.get("/openapi.json").json()
+    props = schema["components"]["schemas"]["CompleteBody"]["properties"]
+    assert props["max_new_tokens"]["maximum"] == MAX_NEW_TOKENS and props["prompt"]["maxLength"] == MAX_PROMPT
+    models = {m["name"]: m for m in server.get("/v1/models").json()["models"]}
+    assert models["text"]["modality"] == "text" and models["gan"]["modality"] == "image"
+    assert models["text"]["card"]["metrics"]["val_bpb"] > 0
+
+
+def test_a_client_that_disconnects_stops_its_generation(server):
+    def streams() -> dict:
+        return next(m for m in server.get("/v1/models").json()["models"] if m["name"] == "text")["text_streams"]
+
+    before = streams()
+    body = {"prompt": "class ", "max_new_tokens": MAX_NEW_TOKENS, "seed": 1, "stream": True}
+    with httpx.Client(base_url=str(server.base_url), headers=server.headers, timeout=60) as client:
+        with client.stream("POST", "/v1/complete", json=body) as r:
+            assert r.status_code == 200
+            next(r.iter_lines())  # the start event: generation is under way
+    # the connection is closed: the model's stream ends well before MAX_NEW_TOKENS bytes
+    wait_until(lambda: streams()["cancelled"] > before["cancelled"] and streams()["active"] == 0, timeout_s=20,
+               what="the disconnected stream to stop")
+    assert streams()["tokens"] - before["tokens"] < MAX_NEW_TOKENS
+
+
+def test_grpc_complete_streams_the_same_text_and_refuses_bad_input(server):
+    import grpc
+
+    from aigc_ray.serving.proto import aigc_pb2, aigc_pb2_grpc
+
+    metadata = [("authorization", f"Bearer {TOKEN}")]
+    # 0.5 and 0.75 are exact in float32 (the proto's type) and in JSON's double: the same sampling settings
+    body = {"prompt": "import ", "max_new_tokens": 30, "seed": 5, "top_k": 20, "top_p": 0.75, "temperature": 0.5}
+    with grpc.insecure_channel(GRPC["target"]) as channel:
+        stub = aigc_pb2_grpc.GeneratorStub(channel)
+        chunks = list(stub.Complete(aigc_pb2.CompleteRequest(**body), metadata=metadata, timeout=60))
+        assert chunks[0].ai_generated.startswith("true") and chunks[0].model == "text"
+        assert chunks[-1].done and chunks[-1].tokens == 30 and len(chunks) > 3
+        assert "".join(c.text for c in chunks) == server.post("/v1/complete", json=body).json()["text"]
+        for request, field in ((aigc_pb2.CompleteRequest(prompt="x", max_new_tokens=MAX_NEW_TOKENS + 1), "max_new_tokens"),
+                               (aigc_pb2.CompleteRequest(prompt="x", model="gan"), "model")):
+            with pytest.raises(grpc.RpcError) as err:
+                list(stub.Complete(request, metadata=metadata, timeout=60))
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and field in err.value.details()
+        with pytest.raises(grpc.RpcError) as err:  # no token
+            list(stub.Complete(aigc_pb2.CompleteRequest(prompt="x"), timeout=60))
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_the_http_client_prints_the_stream(server):
+    import os
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "serve/client_http.py", "--url", str(server.base_url).rstrip("/"),
+                          "--prompt", "def ", "--max-new-tokens", "20", "--seed", "2"],
+                         capture_output=True, text=True, timeout=60, env={**os.environ, "AIGC_API_TOKEN": TOKEN})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout and "20 tokens" in out.stderr and "AI-generated: true" in out.stderr

@@ -26,7 +26,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.config import BackpressureConfig
@@ -49,6 +49,7 @@ from aigc_ray.serving.options import (
     deployed_openapi,
 )
 from aigc_ray.serving.playground import add_routes as add_playground_routes
+from aigc_ray.serving.text import CompleteBody, CompleteOut, close_stream, settings_of, sse, text_openapi
 
 GRPC_SERVICERS = ["aigc_ray.serving.proto.aigc_pb2_grpc.add_GeneratorServicer_to_server",
                   "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server"]
@@ -221,6 +222,11 @@ class Ingress(GrpcMethods):
     # ---- shared core (HTTP and gRPC) -------------------------------------------------------
 
     async def _handle(self, name: str | None, op: str = "generate") -> tuple[str, DeploymentHandle]:
+        if name is None and op == "complete":  # the first text model
+            able = [i["name"] for i in await self._infos(max_age_s=10.0) if i.get("can_complete")]
+            if not able:
+                raise UnknownModel("model: no served model is a text model (POST /v1/complete needs one)")
+            name = able[0]
         if name is None and op == "reconstruct":  # the first model with an encoder
             able = [i["name"] for i in await self._infos(max_age_s=10.0) if i["can_reconstruct"]]
             if not able:
@@ -301,6 +307,55 @@ class Ingress(GrpcMethods):
                                  "limit per image")
         return await self._call(name, handle, "reconstruct", pngs)
 
+    async def _complete_start(self, body: CompleteBody) -> tuple[dict, Any]:
+        """Check the request against the deployment's limits, start the model's token stream and wait for its
+        header (errors then are still a plain 4xx/503): (header, the rest of the stream)."""
+        name, handle = await self._handle(body.model, "complete")
+        if len(body.prompt) > self.options.max_prompt_chars:
+            raise BadRequest(f"prompt: {len(body.prompt)} characters, over the limit of {self.options.max_prompt_chars}")
+        if body.max_new_tokens > self.options.max_new_tokens:
+            raise BadRequest(f"max_new_tokens: {body.max_new_tokens} exceeds the limit of {self.options.max_new_tokens}")
+        settings = settings_of(body)
+        if isinstance(handle, LocalModel):
+            stream = handle.stream("complete_stream", body.prompt, settings)
+        else:
+            stream = handle.options(stream=True).complete_stream.remote(body.prompt, settings)
+        try:
+            header = await self._next_item(stream)
+        except BaseException:
+            await close_stream(stream)
+            raise
+        return header, stream
+
+    async def _next_item(self, stream) -> dict:
+        try:
+            return await asyncio.wait_for(stream.__anext__(), self.options.request_timeout_s)
+        except BadRequest as err:
+            raise BadRequest(_cause(err)) from None
+        except (BackPressureError, LocalModel.Full):
+            self.rejected.inc(tags={"reason": "overloaded"})
+            raise Overloaded("model: overloaded, its queue is full; retry later") from None
+        except (RayActorError, DeploymentUnavailableError) as err:
+            logger.warning("model call failed: %s", type(err).__name__)
+            raise Unavailable("model: no replica available right now; retry later") from None
+
+    async def _complete_all(self, body: CompleteBody) -> dict:
+        header, stream = await self._complete_start(body)
+        pieces, last = [], header
+        try:
+            while True:
+                try:
+                    item = await self._next_item(stream)
+                except StopAsyncIteration:
+                    break
+                if "text" in item:
+                    pieces.append(item["text"])
+                else:
+                    last = item
+        finally:
+            await close_stream(stream)
+        return {**last, "text": "".join(pieces)}
+
     async def _infos(self, max_age_s: float = 0.0) -> list[dict]:
         at, infos = self._infos_cache
         if not infos or time.monotonic() - at > max_age_s:
@@ -373,6 +428,43 @@ class Ingress(GrpcMethods):
         result = await self._http(self._reconstruct(body.model, pngs))
         return self._json(result) if isinstance(result, dict) else result
 
+    @app.post("/v1/complete", response_model=CompleteOut, responses={
+        **ERRORS, 200: {"content": {"text/event-stream": {}},
+                        "description": "JSON, or with stream: server-sent events (start, a data event per piece, done)"}})
+    async def complete(self, body: CompleteBody):
+        """Continue a prompt with a text model. With `stream`, pieces arrive as server-sent events as each token
+        is produced; a client that disconnects stops its generation. Marked AI-generated in the body and the
+        X-AI-Generated header."""
+        if not body.stream:
+            result = await self._http(self._complete_all(body))
+            if not isinstance(result, dict):
+                return result
+            return JSONResponse(result, headers={"X-AI-Generated": "true", "X-Model-Version": result["model_version"]})
+        started = await self._http(self._complete_start(body))
+        if not isinstance(started, tuple):
+            return started
+        header, stream = started
+
+        async def events():
+            try:
+                yield sse(header, "start")
+                while True:
+                    try:
+                        item = await self._next_item(stream)
+                    except StopAsyncIteration:
+                        break
+                    yield sse(item) if "text" in item else sse(item, "done")
+            except Exception as err:  # mid-stream: the status is sent; say it in the stream, never a traceback
+                message = str(err) if isinstance(err, (BadRequest, Overloaded, Unavailable)) else (
+                    "timeout: the model did not answer in time" if isinstance(err, asyncio.TimeoutError)
+                    else self._internal("stream", err))
+                yield sse({"error": message}, "error")
+            finally:  # also on a disconnect (Starlette cancels this generator): the model stops
+                await close_stream(stream)
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"X-AI-Generated": "true", "X-Model-Version": header["model_version"],
+                                          "Cache-Control": "no-cache"})
+
     @app.get("/v1/models")
     async def list_models(self):
         return await self._http(self._list_models())
@@ -400,7 +492,9 @@ class Ingress(GrpcMethods):
         deployed = {"max_num_images": self.options.max_num_images, "generate": [i["name"] for i in generators],
                     "reconstruct": [i["name"] for i in infos if i["can_reconstruct"]],
                     "num_classes": max([i["num_classes"] for i in generators] or [0])}
-        return deployed_openapi(copy.deepcopy(request.app.openapi()), deployed)
+        schema = deployed_openapi(copy.deepcopy(request.app.openapi()), deployed)
+        return text_openapi(schema, self.options.max_prompt_chars, self.options.max_new_tokens,
+                            [i["name"] for i in infos if i.get("can_complete")])
 
     @app.get("/docs", include_in_schema=False)
     async def docs(self):

@@ -107,8 +107,57 @@ class GrpcMethods:
                 name=i["name"], version=i["version"], family=i["family"], checkpoint=i["checkpoint"],
                 image_size=i["image_size"], channels=i["channels"], num_classes=i["num_classes"],
                 latent_dim=i["latent_dim"], card_json=json.dumps(i["card"]) if i["card"] else "",
-                last_error=i["last_error"]) for i in await self._infos()])
+                last_error=i["last_error"], modality=i.get("modality", "image")) for i in await self._infos()])
         return await self._grpc(grpc_context, run, aigc_pb2.ListModelsResponse)
+
+    async def Complete(self, request, grpc_context):  # noqa: N802 (server streaming: one CompleteChunk per piece)
+        import grpc
+
+        from aigc_ray.serving.proto import aigc_pb2
+        from aigc_ray.serving.text import AI_TEXT_LABEL, CompleteBody, close_stream
+
+        # Serve's gRPC proxy takes a streaming method's status from the context sent with a message, so a refusal
+        # is one empty chunk carrying the status (the client's iterator then raises it)
+        if self._grpc_denied(grpc_context):
+            yield aigc_pb2.CompleteChunk()
+            return
+        code, details = None, ""
+        try:
+            body = CompleteBody(model=request.model or None, prompt=request.prompt,
+                                max_new_tokens=request.max_new_tokens or 128,
+                                temperature=request.temperature if request.HasField("temperature") else 0.8,
+                                top_k=request.top_k, top_p=request.top_p if request.HasField("top_p") else 1.0,
+                                seed=request.seed if request.HasField("seed") else None, stop=list(request.stop))
+            header, stream = await self._complete_start(body)
+        except (BadRequest, ValidationError) as err:
+            code = grpc.StatusCode.INVALID_ARGUMENT
+            details = field_errors(err.errors()) if isinstance(err, ValidationError) else str(err)
+        except (Overloaded, Unavailable) as err:
+            code = grpc.StatusCode.RESOURCE_EXHAUSTED if isinstance(err, Overloaded) else grpc.StatusCode.UNAVAILABLE
+            details = str(err)
+        except Exception as err:
+            code, details = grpc.StatusCode.INTERNAL, self._internal("gRPC Complete", err)
+        if code is not None:
+            grpc_context.set_code(code)
+            grpc_context.set_details(details)
+            yield aigc_pb2.CompleteChunk()
+            return
+        try:
+            yield aigc_pb2.CompleteChunk(model=header["model"], model_version=header["model_version"],
+                                         seed=header["seed"], ai_generated=AI_TEXT_LABEL)
+            while True:
+                try:
+                    item = await self._next_item(stream)
+                except StopAsyncIteration:
+                    break
+                if "text" in item:
+                    yield aigc_pb2.CompleteChunk(text=item["text"])
+                else:
+                    yield aigc_pb2.CompleteChunk(model=item["model"], model_version=item["model_version"],
+                                                 seed=item["seed"], done=True, tokens=item["tokens"],
+                                                 finish_reason=item["finish_reason"], ai_generated=AI_TEXT_LABEL)
+        finally:  # also when the client cancels: the model stops
+            await close_stream(stream)
 
     async def Check(self, request, grpc_context):  # noqa: N802 (grpc.health.v1.Health/Check; open without a token)
         import grpc

@@ -80,6 +80,9 @@ class ModelCore:
         self.latency_ms = Histogram("aigc_request_latency_ms", description="Model-side request latency (ms).",
                                     boundaries=[1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000],
                                     tag_keys=(*tags, "op"))
+        self.text = {"active": 0, "tokens": 0, "cancelled": 0}  # text streams now, bytes sampled, streams cut short
+        self.text_tokens = Counter("aigc_text_tokens_generated", description="Bytes sampled by text models.",
+                                   tag_keys=("model", "outcome"))
         self.quality = Gauge("aigc_model_quality", description="The served checkpoint's quality card: fid, its floor "
                              "and fid_over_floor (lower is better).", tag_keys=(*tags, "role", "metric"))
 
@@ -143,6 +146,14 @@ class ModelCore:
         import torch
 
         with storage.localized(uri) as local:  # a downloaded copy goes once the weights are in memory
+            from aigc_ray.models.text_checkpoint import is_text_checkpoint
+
+            if is_text_checkpoint(local):  # a language model: served by complete / complete_stream
+                from aigc_ray.text_pipeline import SamplingSettings, TextPipeline
+
+                pipe = TextPipeline.from_checkpoint(local, "cuda" if torch.cuda.is_available() else "cpu")
+                pipe.complete("a", SamplingSettings(max_new_tokens=1))  # the test run
+                return pipe, read_card(local)
             # a replica given a GPU (replica_gpus) sees it; any other sees none
             pipe = GeneratorPipeline.from_checkpoint(local, "cuda" if torch.cuda.is_available() else "cpu")
             card = read_card(local)
@@ -158,7 +169,15 @@ class ModelCore:
         if p is None:  # a candidate whose checkpoint did not load
             return {"name": self.name, "version": "", "checkpoint": "", "requested": self.requested, "degraded": True,
                     "last_error": self.last_error, "role": self.role, "card": None}
-        return {"name": self.name, "version": p.version, "family": p.family, "checkpoint": self.checkpoint,
+        if _is_text(p):  # the image fields zero, so every reader of this dict keeps working
+            return {"name": self.name, "version": p.version, "family": p.family, "modality": "text",
+                    "checkpoint": self.checkpoint, "block_size": p.block_size, "vocab": p.vocab, "image_size": 0,
+                    "channels": 0, "num_classes": 0, "latent_dim": 0, "can_generate": False, "can_reconstruct": False,
+                    "can_complete": True, "text_streams": dict(self.text), "card": self.card,
+                    "requested": self.requested, "degraded": self.checkpoint != self.requested,
+                    "last_error": self.last_error, "role": self.role}
+        return {"name": self.name, "version": p.version, "family": p.family, "modality": "image",
+                "can_complete": False, "checkpoint": self.checkpoint,
                 "image_size": p.image_size, "channels": p.channels, "num_classes": p.num_classes,
                 "latent_dim": p.latent_dim, "can_generate": p.can_generate, "can_reconstruct": p.can_reconstruct,
                 "card": self.card, "requested": self.requested, "degraded": self.checkpoint != self.requested,
@@ -177,6 +196,7 @@ class ModelCore:
             raise RuntimeError(f"model {self.name} (candidate): no checkpoint loaded: {self.last_error}")
         for _ in range(3):
             pipe = self.pipe
+            self._not_text(pipe)
             try:
                 checked = pipe.check_labels(labels, seeds)
             except PipelineError as err:
@@ -228,6 +248,7 @@ class ModelCore:
 
     async def interpolate(self, seed_a: int, seed_b: int, steps: int, label: int | None) -> dict[str, Any]:
         pipe = self.pipe
+        self._not_text(pipe)
         try:
             images = await asyncio.to_thread(pipe.interpolate, seed_a, seed_b, steps, label)
         except PipelineError as err:
@@ -239,6 +260,7 @@ class ModelCore:
 
     async def reconstruct(self, pngs: list[bytes]) -> dict[str, Any]:
         pipe = self.pipe
+        self._not_text(pipe)
         if not pipe.can_reconstruct:
             raise BadRequest(f"model: {self.name} ({pipe.family}) has no encoder; reconstruct needs a vae or ae model")
         for i, data in enumerate(pngs):  # header only: nothing is inflated before its size is known to be right
@@ -253,6 +275,47 @@ class ModelCore:
             raise BadRequest(f"images: {err}") from None
         return {"model": self.name, "model_version": pipe.version, "seeds": [],
                 "images": [encode_png(img, png_text(pipe.version)) for img in out]}
+
+
+    # ---- text ------------------------------------------------------------------------------------
+
+    def _not_text(self, pipe) -> None:
+        if _is_text(pipe):
+            raise BadRequest(f"model: {self.name} is a text model ({pipe.family}); use POST /v1/complete")
+
+    def _text_pipe(self):
+        pipe = self.pipe
+        if pipe is None:
+            raise RuntimeError(f"model {self.name} (candidate): no checkpoint loaded: {self.last_error}")
+        if not _is_text(pipe):
+            raise BadRequest(f"model: {self.name} is an image model ({pipe.family}); /v1/complete needs a text "
+                             "model (GET /v1/models: modality)")
+        return pipe
+
+    async def complete_stream(self, prompt: str, settings: dict):
+        """Server streaming: a header {model, model_version, seed}, then {"text": piece} per piece, then a done
+        item (serving/text.py). One model version for the whole stream, even if a swap lands meanwhile."""
+        from aigc_ray.serving.text import token_stream
+
+        pipe = self._text_pipe()
+        def observe(n: int, finished: bool) -> None:
+            if n:
+                self.text_tokens.inc(n, tags={"model": self.name, "outcome": "done" if finished else "cancelled"})
+        async for item in token_stream(pipe, self.name, prompt, settings, self.text, observe):
+            yield item
+
+    async def complete(self, prompt: str, settings: dict) -> dict[str, Any]:
+        pieces, last = [], {}
+        async for item in self.complete_stream(prompt, settings):
+            if "text" in item:
+                pieces.append(item["text"])
+            else:
+                last = item
+        return {**last, "text": "".join(pieces)}
+
+
+def _is_text(pipe) -> bool:
+    return getattr(pipe, "modality", "image") == "text"
 
 
 def _forward_and_encode(pipe: GeneratorPipeline, items: list[dict], seeds: list[int], labels: list[int] | None):
@@ -294,6 +357,17 @@ class LocalModel:
 
     def __init__(self, core: ModelCore, limit: int):
         self.core, self.limit, self.in_flight = core, limit, 0
+
+    async def stream(self, method: str, *args):
+        """A streaming method (complete_stream), under the same bound as call."""
+        if self.in_flight >= self.limit:
+            raise LocalModel.Full
+        self.in_flight += 1
+        try:
+            async for item in getattr(self.core, method)(*args):
+                yield item
+        finally:
+            self.in_flight -= 1
 
     async def call(self, method: str, *args) -> Any:
         if method == "info":

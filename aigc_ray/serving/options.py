@@ -63,6 +63,10 @@ class ServeOptions:
     access_log: bool = True
     """Serve's access log line per request (replicas; the proxies follow `app.start`'s). Off saves a log write
     per request and hop (bench/serve_load.py measures both)."""
+    max_prompt_chars: int = 4096
+    """Longest prompt /v1/complete takes, in characters (422 above it; stated in the OpenAPI)."""
+    max_new_tokens: int = 1024
+    """Most bytes one /v1/complete request may ask a text model for (422 above it; stated in the OpenAPI)."""
     canaries: dict = dataclasses.field(default_factory=dict)
     """{NAME: PATH_OR_URI}: a candidate served beside model NAME in its own deployment (model-NAME-canary).
     Written by `aigc-ray promote --canary`, which also sets the candidate's share of the traffic (kept in Ray's
@@ -72,7 +76,7 @@ class ServeOptions:
         if not self.checkpoints:
             raise ValueError("checkpoints: give at least one checkpoint path or URI")
         for key in ("max_num_images", "max_batch_images", "max_body_bytes", "max_image_bytes", "min_replicas",
-                    "max_replicas", "max_ongoing_requests", "max_queued_requests"):
+                    "max_replicas", "max_ongoing_requests", "max_queued_requests", "max_prompt_chars", "max_new_tokens"):
             if not isinstance(getattr(self, key), int) or getattr(self, key) < (0 if key == "min_replicas" else 1):
                 raise ValueError(f"{key}: must be a positive integer, got {getattr(self, key)!r}")
         if self.max_num_images > HARD_MAX_IMAGES:

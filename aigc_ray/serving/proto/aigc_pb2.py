@@ -24,27 +24,31 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!aigc_ray/serving/proto/aigc.proto\x12\x07\x61igc.v1\"`\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nnum_images\x18\x02 \x01(\x05\x12\x11\n\x04seed\x18\x03 \x01(\x03H\x00\x88\x01\x01\x12\x0e\n\x06labels\x18\x04 \x03(\x05\x42\x07\n\x05_seed\"p\n\x12InterpolateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06seed_a\x18\x02 \x01(\x03\x12\x0e\n\x06seed_b\x18\x03 \x01(\x03\x12\r\n\x05steps\x18\x04 \x01(\x05\x12\x12\n\x05label\x18\x05 \x01(\x05H\x00\x88\x01\x01\x42\x08\n\x06_label\"3\n\x12ReconstructRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06images\x18\x02 \x03(\x0c\"U\n\x0eImagesResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\r\n\x05seeds\x18\x03 \x03(\x03\x12\x0e\n\x06images\x18\x04 \x03(\x0c\"\x13\n\x11ListModelsRequest\"\xc4\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x03 \x01(\t\x12\x12\n\ncheckpoint\x18\x04 \x01(\t\x12\x12\n\nimage_size\x18\x05 \x01(\x05\x12\x10\n\x08\x63hannels\x18\x06 \x01(\x05\x12\x13\n\x0bnum_classes\x18\x07 \x01(\x05\x12\x12\n\nlatent_dim\x18\x08 \x01(\x05\x12\x11\n\tcard_json\x18\t \x01(\t\x12\x12\n\nlast_error\x18\n \x01(\t\"8\n\x12ListModelsResponse\x12\"\n\x06models\x18\x01 \x03(\x0b\x32\x12.aigc.v1.ModelInfo2\x9b\x02\n\tGenerator\x12=\n\x08Generate\x12\x18.aigc.v1.GenerateRequest\x1a\x17.aigc.v1.ImagesResponse\x12\x43\n\x0bInterpolate\x12\x1b.aigc.v1.InterpolateRequest\x1a\x17.aigc.v1.ImagesResponse\x12\x43\n\x0bReconstruct\x12\x1b.aigc.v1.ReconstructRequest\x1a\x17.aigc.v1.ImagesResponse\x12\x45\n\nListModels\x12\x1a.aigc.v1.ListModelsRequest\x1a\x1b.aigc.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!aigc_ray/serving/proto/aigc.proto\x12\x07\x61igc.v1\"\xc9\x01\n\x0f\x43ompleteRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x16\n\x0emax_new_tokens\x18\x03 \x01(\x05\x12\x18\n\x0btemperature\x18\x04 \x01(\x02H\x00\x88\x01\x01\x12\r\n\x05top_k\x18\x05 \x01(\x05\x12\x12\n\x05top_p\x18\x06 \x01(\x02H\x01\x88\x01\x01\x12\x11\n\x04seed\x18\x07 \x01(\x03H\x02\x88\x01\x01\x12\x0c\n\x04stop\x18\x08 \x03(\tB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seed\"\x9c\x01\n\rCompleteChunk\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12\x0c\n\x04seed\x18\x04 \x01(\x03\x12\x0c\n\x04\x64one\x18\x05 \x01(\x08\x12\x0e\n\x06tokens\x18\x06 \x01(\x05\x12\x15\n\rfinish_reason\x18\x07 \x01(\t\x12\x14\n\x0c\x61i_generated\x18\x08 \x01(\t\"`\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nnum_images\x18\x02 \x01(\x05\x12\x11\n\x04seed\x18\x03 \x01(\x03H\x00\x88\x01\x01\x12\x0e\n\x06labels\x18\x04 \x03(\x05\x42\x07\n\x05_seed\"p\n\x12InterpolateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06seed_a\x18\x02 \x01(\x03\x12\x0e\n\x06seed_b\x18\x03 \x01(\x03\x12\r\n\x05steps\x18\x04 \x01(\x05\x12\x12\n\x05label\x18\x05 \x01(\x05H\x00\x88\x01\x01\x42\x08\n\x06_label\"3\n\x12ReconstructRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06images\x18\x02 \x03(\x0c\"U\n\x0eImagesResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\r\n\x05seeds\x18\x03 \x03(\x03\x12\x0e\n\x06images\x18\x04 \x03(\x0c\"\x13\n\x11ListModelsRequest\"\xd6\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x03 \x01(\t\x12\x12\n\ncheckpoint\x18\x04 \x01(\t\x12\x12\n\nimage_size\x18\x05 \x01(\x05\x12\x10\n\x08\x63hannels\x18\x06 \x01(\x05\x12\x13\n\x0bnum_classes\x18\x07 \x01(\x05\x12\x12\n\nlatent_dim\x18\x08 \x01(\x05\x12\x11\n\tcard_json\x18\t \x01(\t\x12\x12\n\nlast_error\x18\n \x01(\t\x12\x10\n\x08modality\x18\x0b \x01(\t\"8\n\x12ListModelsResponse\x12\"\n\x06models\x18\x01 \x03(\x0b\x32\x12.aigc.v1.ModelInfo2\xdb\x02\n\tGenerator\x12=\n\x08Generate\x12\x18.aigc.v1.GenerateRequest\x1a\x17.aigc.v1.ImagesResponse\x12\x43\n\x0bInterpolate\x12\x1b.aigc.v1.InterpolateRequest\x1a\x17.aigc.v1.ImagesResponse\x12\x43\n\x0bReconstruct\x12\x1b.aigc.v1.ReconstructRequest\x1a\x17.aigc.v1.ImagesResponse\x12\x45\n\nListModels\x12\x1a.aigc.v1.ListModelsRequest\x1a\x1b.aigc.v1.ListModelsResponse\x12>\n\x08\x43omplete\x12\x18.aigc.v1.CompleteRequest\x1a\x16.aigc.v1.CompleteChunk0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'aigc_ray.serving.proto.aigc_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_GENERATEREQUEST']._serialized_start=46
-  _globals['_GENERATEREQUEST']._serialized_end=142
-  _globals['_INTERPOLATEREQUEST']._serialized_start=144
-  _globals['_INTERPOLATEREQUEST']._serialized_end=256
-  _globals['_RECONSTRUCTREQUEST']._serialized_start=258
-  _globals['_RECONSTRUCTREQUEST']._serialized_end=309
-  _globals['_IMAGESRESPONSE']._serialized_start=311
-  _globals['_IMAGESRESPONSE']._serialized_end=396
-  _globals['_LISTMODELSREQUEST']._serialized_start=398
-  _globals['_LISTMODELSREQUEST']._serialized_end=417
-  _globals['_MODELINFO']._serialized_start=420
-  _globals['_MODELINFO']._serialized_end=616
-  _globals['_LISTMODELSRESPONSE']._serialized_start=618
-  _globals['_LISTMODELSRESPONSE']._serialized_end=674
-  _globals['_GENERATOR']._serialized_start=677
-  _globals['_GENERATOR']._serialized_end=960
+  _globals['_COMPLETEREQUEST']._serialized_start=47
+  _globals['_COMPLETEREQUEST']._serialized_end=248
+  _globals['_COMPLETECHUNK']._serialized_start=251
+  _globals['_COMPLETECHUNK']._serialized_end=407
+  _globals['_GENERATEREQUEST']._serialized_start=409
+  _globals['_GENERATEREQUEST']._serialized_end=505
+  _globals['_INTERPOLATEREQUEST']._serialized_start=507
+  _globals['_INTERPOLATEREQUEST']._serialized_end=619
+  _globals['_RECONSTRUCTREQUEST']._serialized_start=621
+  _globals['_RECONSTRUCTREQUEST']._serialized_end=672
+  _globals['_IMAGESRESPONSE']._serialized_start=674
+  _globals['_IMAGESRESPONSE']._serialized_end=759
+  _globals['_LISTMODELSREQUEST']._serialized_start=761
+  _globals['_LISTMODELSREQUEST']._serialized_end=780
+  _globals['_MODELINFO']._serialized_start=783
+  _globals['_MODELINFO']._serialized_end=997
+  _globals['_LISTMODELSRESPONSE']._serialized_start=999
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1055
+  _globals['_GENERATOR']._serialized_start=1058
+  _globals['_GENERATOR']._serialized_end=1405
 # @@protoc_insertion_point(module_scope)

@@ -54,6 +54,11 @@ class GeneratorStub:
                 request_serializer=aigc__ray_dot_serving_dot_proto_dot_aigc__pb2.ListModelsRequest.SerializeToString,
                 response_deserializer=aigc__ray_dot_serving_dot_proto_dot_aigc__pb2.ListModelsResponse.FromString,
                 _registered_method=True)
+        self.Complete = channel.unary_stream(
+                '/aigc.v1.Generator/Complete',
+                request_serializer=aigc__ray_dot_serving_dot_proto_dot_aigc__pb2.CompleteRequest.SerializeToString,
+                response_deserializer=aigc__ray_dot_serving_dot_proto_dot_aigc__pb2.CompleteChunk.FromString,
+                _registered_method=True)
 
 
 class GeneratorServicer:
@@ -86,6 +91,15 @@ class GeneratorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Complete(self, request, context):
+        """Continue a prompt with a text model, streamed as it is produced: a first chunk with the model version and
+        seed, a chunk per piece of text, a last one with done = true. Same seed + prompt + settings + model
+        version -> the same text. Cancelling the call stops the generation.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GeneratorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -108,6 +122,11 @@ def add_GeneratorServicer_to_server(servicer, server):
                     servicer.ListModels,
                     request_deserializer=aigc__ray_dot_serving_dot_proto_dot_aigc__pb2.ListModelsRequest.FromString,
                     response_serializer=aigc__ray_dot_serving_dot_proto_dot_aigc__pb2.ListModelsResponse.SerializeToString,
+            ),
+            'Complete': grpc.unary_stream_rpc_method_handler(
+                    servicer.Complete,
+                    request_deserializer=aigc__ray_dot_serving_dot_proto_dot_aigc__pb2.CompleteRequest.FromString,
+                    response_serializer=aigc__ray_dot_serving_dot_proto_dot_aigc__pb2.CompleteChunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -218,6 +237,33 @@ class Generator:
             '/aigc.v1.Generator/ListModels',
             aigc__ray_dot_serving_dot_proto_dot_aigc__pb2.ListModelsRequest.SerializeToString,
             aigc__ray_dot_serving_dot_proto_dot_aigc__pb2.ListModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Complete(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/aigc.v1.Generator/Complete',
+            aigc__ray_dot_serving_dot_proto_dot_aigc__pb2.CompleteRequest.SerializeToString,
+            aigc__ray_dot_serving_dot_proto_dot_aigc__pb2.CompleteChunk.FromString,
             options,
             channel_credentials,
             insecure,
