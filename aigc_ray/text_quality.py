@@ -101,12 +101,16 @@ def _lookup(sorted_keys: np.ndarray, values: np.ndarray, query: np.ndarray) -> n
     return np.where(hit, values[idx], 0).astype(np.float64)
 
 
-def ngram_bpb(train: np.ndarray, val: np.ndarray, block_size: int, order: int, max_blocks: int = 0) -> dict:
-    """An n-gram baseline's bits per byte on the validation blocks, with its interval."""
+def ngram_block_bits(train: np.ndarray, val: np.ndarray, block_size: int, order: int, max_blocks: int = 0) -> np.ndarray:
+    """An n-gram's mean bits per byte on each validation block (n_blocks,)."""
     starts = block_starts(len(val), block_size, max_blocks)
     positions = (starts[:, None] + np.arange(1, block_size + 1)[None, :]).reshape(-1)
-    bits = NGram(train, order).bits(val, positions).reshape(len(starts), block_size)
-    return interval(bits.mean(axis=1))
+    return NGram(train, order).bits(val, positions).reshape(len(starts), block_size).mean(axis=1)
+
+
+def ngram_bpb(train: np.ndarray, val: np.ndarray, block_size: int, order: int, max_blocks: int = 0) -> dict:
+    """An n-gram baseline's bits per byte on the validation blocks, with its interval."""
+    return interval(ngram_block_bits(train, val, block_size, order, max_blocks))
 
 
 def baselines(train: np.ndarray, val: np.ndarray, block_size: int, max_blocks: int = 0,
@@ -116,9 +120,9 @@ def baselines(train: np.ndarray, val: np.ndarray, block_size: int, max_blocks: i
 
 
 @torch.no_grad()
-def model_bpb(model: torch.nn.Module, val: np.ndarray, block_size: int, device, max_blocks: int = 0,
-              batch: int = 64) -> dict:
-    """The model's bits per byte on the validation blocks, with its interval (model in eval mode)."""
+def model_block_bits(model: torch.nn.Module, val: np.ndarray, block_size: int, device, max_blocks: int = 0,
+                     batch: int = 64) -> np.ndarray:
+    """The model's mean bits per byte on each validation block (n_blocks,), in eval mode."""
     was_training = model.training
     model.eval()
     starts = block_starts(len(val), block_size, max_blocks)
@@ -131,4 +135,9 @@ def model_bpb(model: torch.nn.Module, val: np.ndarray, block_size: int, device, 
         nats = F.cross_entropy(logits.float().transpose(1, 2), windows[:, 1:], reduction="none")  # (b, T)
         per_block.append((nats.mean(dim=1) / LN2).cpu().numpy())
     model.train(was_training)
-    return interval(np.concatenate(per_block) if per_block else np.zeros(0))
+    return np.concatenate(per_block) if per_block else np.zeros(0)
+
+
+def model_bpb(model: torch.nn.Module, val: np.ndarray, block_size: int, device, max_blocks: int = 0) -> dict:
+    """The model's bits per byte on the validation blocks, with its interval."""
+    return interval(model_block_bits(model, val, block_size, device, max_blocks))

@@ -40,12 +40,15 @@ from aigc_ray.text_pipeline import SamplingSettings, TextPipeline
 from aigc_ray.text_quality import baselines, model_bpb
 
 
-def lr_at(step: int, total: int, t) -> float:
-    """Linear warm-up to train.lr, then cosine to train.lr / 10 at the last step."""
+def lr_at(step: int, total: int, t, trained_s: float = 0.0) -> float:
+    """Linear warm-up to train.lr, then cosine to train.lr / 10 at the end of the run: its last step, or with
+    train.max_time_s its time budget, whichever comes first (so a time-bound run also ends its schedule)."""
     if step < t.warmup_steps:
         return t.lr * (step + 1) / t.warmup_steps
-    frac = min(1.0, (step - t.warmup_steps) / max(1, total - t.warmup_steps))
-    return t.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+    frac = (step - t.warmup_steps) / max(1, total - t.warmup_steps)
+    if t.max_time_s:
+        frac = max(frac, trained_s / t.max_time_s)
+    return t.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
 
 
 def _optimizer(model: torch.nn.Module, t) -> torch.optim.Optimizer:
@@ -136,7 +139,7 @@ def text_train_loop_per_worker(loop_config: dict) -> None:
             idx = torch.randint(0, len(train) - T - 1, (local_batch,), generator=gen)[:, None] + arange
             windows = train[idx].to(device, non_blocking=True)  # (b, T + 1)
             for group in opt.param_groups:
-                group["lr"] = lr_at(step, total, t)
+                group["lr"] = lr_at(step, total, t, trained_s + time.perf_counter() - started)
             with _autocast(device, t.precision):
                 logits, _ = model(windows[:, :-1])  # (b, T, 256)
                 loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), windows[:, 1:].reshape(-1))
@@ -160,7 +163,7 @@ def text_train_loop_per_worker(loop_config: dict) -> None:
         elapsed = time.perf_counter() - started
         trained_s += elapsed
         train_bpb = float(torch.stack(losses).mean()) / math.log(2)
-        metrics = {"epoch": epoch + 1, "step": step, "train_bpb": train_bpb, "lr": lr_at(step - 1, total, t),
+        metrics = {"epoch": epoch + 1, "step": step, "train_bpb": train_bpb, "lr": lr_at(step - 1, total, t, trained_s),
                    "tokens_per_s": len(losses) * t.batch_size * T / max(elapsed, 1e-9), "epoch_time_s": elapsed,
                    "trained_s": trained_s}
         if rank != 0:
