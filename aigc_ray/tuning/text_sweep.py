@@ -1,0 +1,188 @@
+"""Sweeps of text models with Ray Tune: ASHA over a text config's keys, scored by validation bits per byte.
+
+A text sweep spec (tune/gpt_asha.yaml) says ``modality: text``; `aigc-ray tune --spec` hands it here. Each
+trial is a Ray Train run of train/text_loop.py (so a trial can be multi-worker or on GPUs), its epoch
+reports forwarded to Tune (TuneReportCallback); ASHA stops the trials whose val_bpb trails at a rung. The
+best trial's best checkpoint is copied to OUT/best, a plain text checkpoint that `aigc-ray serve` serves as is.
+
+Spec keys: name, base (a text config name or file), overrides, metric (val_bpb), mode (min), epochs,
+num_samples, seed, space ({dotted key: {choice|uniform|loguniform|randint: [...]}}), scheduler
+({grace_period, reduction_factor}), resources ({workers, cpus_per_worker}), smoke (the same keys, merged
+with --smoke-test).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from aigc_ray.config import ConfigError, load_config
+
+DISTRIBUTIONS = ("choice", "uniform", "loguniform", "randint")
+RESERVED = {"train.epochs", "train.name", "train.out", "train.storage_path", "train.workers", "train.cpus_per_worker"}
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+@dataclass
+class TextSweepSpec:
+    name: str
+    """The sweep's name (its directory under --out)."""
+    base: str
+    """A shipped text config name (gpt-stdlib) or a YAML file."""
+    space: dict
+    """{dotted config key: {distribution: values}}; distributions: choice, uniform, loguniform, randint."""
+    overrides: dict = field(default_factory=dict)
+    """Fixed config keys for every trial."""
+    metric: str = "val_bpb"
+    """What trials are ranked by (lower is better)."""
+    mode: str = "min"
+    """min (val_bpb) or max."""
+    epochs: int = 8
+    """Epochs per trial (ASHA's max_t)."""
+    num_samples: int = 8
+    """Trials."""
+    seed: int = 0
+    """Seed of the random search."""
+    scheduler: dict = field(default_factory=lambda: {"grace_period": 2, "reduction_factor": 2})
+    """ASHA's grace_period and reduction_factor, in epochs."""
+    resources: dict = field(default_factory=lambda: {"workers": 1, "cpus_per_worker": 1, "max_concurrent": 1})
+    """Per trial: Train workers and CPUs per worker; trials at once."""
+    modality: str = "text"
+    """Always text."""
+
+    def __post_init__(self) -> None:
+        _check(self.mode in ("min", "max"), f"mode={self.mode!r}: min or max")
+        _check(self.epochs > 0 and self.num_samples > 0, "epochs and num_samples must be positive")
+        _check(isinstance(self.space, dict) and self.space, "space: give at least one searched key")
+        for key, dist in self.space.items():
+            _check(key not in RESERVED, f"space.{key} is set by the sweep itself")
+            _check(isinstance(dist, dict) and len(dist) == 1 and next(iter(dist)) in DISTRIBUTIONS,
+                   f"space.{key}: one of {DISTRIBUTIONS} with its values, e.g. {{choice: [64, 128]}}")
+        cfg = self.base_config()
+        for key, dist in self.space.items():  # every searched value must make a valid config
+            kind, values = next(iter(dist.items()))
+            for value in (values if kind == "choice" else values[:2]):
+                try:
+                    cfg.with_overrides({key: value})
+                except ConfigError as err:
+                    raise ConfigError(f"space.{key}={value!r}: {err}") from None
+        _check(self.metric in ("val_bpb", "train_bpb"), f"metric={self.metric!r}: val_bpb or train_bpb")
+
+    def base_config(self):
+        cfg = load_config(self.base)
+        _check(getattr(cfg, "modality", "image") == "text", f"base: {self.base} is not a text config")
+        return cfg.with_overrides(self.overrides) if self.overrides else cfg
+
+
+def is_text_spec(path: str) -> bool:
+    try:
+        raw = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError):
+        return False
+    return isinstance(raw, dict) and raw.get("modality") == "text"
+
+
+def load_text_spec(path: str, smoke: bool = False, num_samples: int | None = None) -> TextSweepSpec:
+    raw = yaml.safe_load(Path(path).read_text()) or {}
+    small = raw.pop("smoke", {}) or {}
+    if smoke:
+        for key, value in small.items():
+            raw[key] = {**raw.get(key, {}), **value} if isinstance(value, dict) and key != "space" else value
+    if num_samples is not None:
+        raw["num_samples"] = num_samples
+    known = set(TextSweepSpec.__dataclass_fields__)
+    _check(not set(raw) - known, f"unknown spec key(s) {sorted(set(raw) - known)}; known: {sorted(known)}")
+    return TextSweepSpec(**raw)
+
+
+def _domain(kind: str, values: list):
+    import ray.tune
+
+    return {"choice": ray.tune.choice, "uniform": lambda v: ray.tune.uniform(*v),
+            "loguniform": lambda v: ray.tune.loguniform(*v), "randint": lambda v: ray.tune.randint(*v)}[kind](values)
+
+
+def text_trial(config: dict, sweep: dict) -> None:
+    """One trial: a Ray Train text run, every epoch's report forwarded to Tune."""
+    import ray.tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from aigc_ray.data.text import ensure_prepared_text, read_text_manifest
+    from aigc_ray.train.text_loop import build_text_trainer
+
+    trial_id = ray.tune.get_context().get_trial_id()
+    spec = TextSweepSpec(**sweep["spec"])
+    r = spec.resources
+    cfg = spec.base_config().with_overrides({**config["space"], "train.name": trial_id, "train.out": sweep["train_out"],
+                                             "train.epochs": spec.epochs, "train.workers": r.get("workers", 1),
+                                             "train.cpus_per_worker": r.get("cpus_per_worker", 1)})
+    prepared = ensure_prepared_text(cfg.data)
+    trainer, _ = build_text_trainer(cfg, prepared, read_text_manifest(prepared), sweep["baselines"],
+                                    callbacks=[TuneReportCallback()])
+    result = trainer.fit()
+    if result.error:
+        raise result.error
+
+
+def run_text_sweep(spec: TextSweepSpec, out: str = "runs/tune", address: str | None = None) -> dict:
+    """Run the sweep; return (and write to OUT/summary.json) its trials, the best and where it was exported."""
+    import numpy as np
+    import ray.tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search import BasicVariantGenerator
+
+    from aigc_ray.data.text import ensure_prepared_text, load_tokens
+    from aigc_ray.text_quality import baselines
+    from aigc_ray.train.loop import init_ray
+
+    root = Path(out).expanduser().resolve()
+    base = spec.base_config()
+    prepared = ensure_prepared_text(base.data)
+    floor = baselines(np.asarray(load_tokens(prepared, "train")), np.asarray(load_tokens(prepared, "validation")),
+                      base.model.block_size, base.eval.max_blocks)
+    init_ray(address, spec.resources.get("workers", 1))
+    sweep = {"spec": asdict(spec), "train_out": str(root / spec.name / "train"), "baselines": floor}
+    trainable = ray.tune.with_resources(ray.tune.with_parameters(text_trial, sweep=sweep), {"CPU": 0.01})
+    concurrent = spec.resources.get("max_concurrent", 1)
+    print(f"text sweep {spec.name}: {spec.num_samples} trial(s), ASHA, {spec.epochs} epoch(s) each, up to "
+          f"{concurrent} at once; metric {spec.metric} ({spec.mode})", file=sys.stderr, flush=True)
+    tuner = ray.tune.Tuner(
+        trainable,
+        param_space={"space": {k: _domain(*next(iter(d.items()))) for k, d in spec.space.items()}},
+        tune_config=ray.tune.TuneConfig(
+            metric=spec.metric, mode=spec.mode, num_samples=spec.num_samples,
+            scheduler=ASHAScheduler(time_attr="epoch", max_t=spec.epochs, **spec.scheduler),
+            search_alg=BasicVariantGenerator(random_state=spec.seed, max_concurrent=concurrent), reuse_actors=False,
+            trial_dirname_creator=lambda trial: trial.trial_id),
+        run_config=ray.tune.RunConfig(name=spec.name, storage_path=str(root), verbose=0))
+    results = tuner.fit()
+    rows = []
+    for r in results:
+        m = r.metrics or {}
+        rows.append({"trial": m.get("trial_id"), "config": (r.config or {}).get("space"), "epochs": m.get("epoch"),
+                     spec.metric: m.get(spec.metric), "error": str(r.error)[:300] if r.error else None})
+    best = results.get_best_result(spec.metric, spec.mode) if any(r[spec.metric] is not None for r in rows) else None
+    exported = None
+    if best is not None:
+        checkpoint = best.get_best_checkpoint(spec.metric, spec.mode) or best.checkpoint
+        if checkpoint is not None:
+            dest = root / "best"
+            shutil.rmtree(dest, ignore_errors=True)
+            with checkpoint.as_directory() as directory:
+                shutil.copytree(directory, dest)
+            exported = str(dest)
+    summary = {"sweep": spec.name, "metric": spec.metric, "mode": spec.mode, "trials": rows,
+               "best": None if best is None else {"config": best.config["space"], spec.metric: best.metrics.get(spec.metric),
+                                                  "checkpoint": exported}}
+    (root / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    return summary
