@@ -117,6 +117,10 @@ def cmd_tune(args: argparse.Namespace) -> int:
     if args.promote and not (args.address or os.environ.get("RAY_ADDRESS")):
         raise ValueError("--promote: the sweep must run on the Ray cluster that serves the model: give --address "
                          "(auto: the local one `aigc-ray serve` started) or set RAY_ADDRESS")
+    from aigc_ray.tuning.text_sweep import is_text_spec
+
+    if is_text_spec(args.spec):  # a text model's sweep (modality: text): tuning/text_sweep.py
+        return _tune_text(args)
     spec = load_spec(args.spec, smoke=args.smoke_test, num_samples=args.num_samples)
     if args.metric:
         spec = dataclasses.replace(spec, metric=args.metric)
@@ -140,13 +144,40 @@ def cmd_tune(args: argparse.Namespace) -> int:
     return 0 if outcome.best is not None else 1
 
 
+def _tune_text(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from aigc_ray.tuning.text_sweep import load_text_spec, run_text_sweep
+
+    for flag in ("resume", "promote", "storage_path"):
+        if getattr(args, flag):
+            raise ValueError(f"--{flag.replace('_', '-')}: not available for a text sweep yet")
+    spec = load_text_spec(args.spec, smoke=args.smoke_test, num_samples=args.num_samples)
+    if args.metric:
+        spec = dataclasses.replace(spec, metric=args.metric)
+    if args.dry_run:
+        print(yaml.safe_dump(dataclasses.asdict(spec), sort_keys=False))
+        return 0
+    summary = run_text_sweep(spec, out=args.out, address=args.address)
+    for row in summary["trials"]:
+        print(f"{row['trial']}: {row['config']} epochs={row['epochs']} {spec.metric}={row[spec.metric]}")
+    best = summary["best"]
+    if best and best["checkpoint"]:
+        print(f"best checkpoint: {best['checkpoint']}  (aigc-ray serve --checkpoint {best['checkpoint']})")
+    return 0 if best else 1
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from aigc_ray.eval import evaluate_checkpoint, format_table
 
     if args.num_samples is not None and args.num_samples < 10:
         raise ValueError("--num-samples must be >= 10")
+    if args.draws is not None and not 2 <= args.draws <= 1000:
+        raise ValueError(f"--draws: 2..1000 (an interval needs at least 2 draws), got {args.draws}")
+    # an explicit --num-samples the data can't give is an error saying how many it can (the config's is capped)
     result = evaluate_checkpoint(args.checkpoint, num_samples=args.num_samples, seed=args.seed,
-                                 write_card=not args.no_card, dataset=args.dataset, data_root=args.data_root)
+                                 write_card=not args.no_card, dataset=args.dataset, data_root=args.data_root,
+                                 draws=args.draws, strict=args.num_samples is not None)
     card = result["card"]
     print(json.dumps(card, indent=2) if args.json else format_table(card))
     if not args.no_card:
@@ -244,13 +275,20 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Generate images from the checkpoint and compare them with the real training "
                                    "images through the dataset's own feature network (trained once, cached beside "
                                    "the prepared data): FID, KID, precision/recall, and for labelled data the "
-                                   "classifier inception score and mode coverage. Each metric comes with its floor "
-                                   "(real test vs real train images at the same sample count) and its ceiling (the "
-                                   "untrained generator); ratio = value / floor. Writes card.json into the checkpoint.")
+                                   "classifier inception score and mode coverage. Each metric is the mean of several "
+                                   "generator draws with its 95% interval, beside its floor (real test images vs the "
+                                   "train split at the same sample count, with a bootstrap interval) and its ceiling "
+                                   "(the untrained generator); ratio = value / floor. Also checks for memorisation "
+                                   "(samples nearer training images than held-out ones). Writes card.json into the "
+                                   "checkpoint; an older-protocol card there is kept as card.<format>.json.")
     p.add_argument("--checkpoint", required=True, help="checkpoint directory (or s3:// / gs:// URI)")
-    p.add_argument("--num-samples", type=int, help="images compared (default: the checkpoint's eval.num_samples); "
-                                                   "capped at the dataset's smaller split")
-    p.add_argument("--seed", type=int, default=0, help="seed of the latents and of the real images drawn")
+    p.add_argument("--num-samples", type=int, help="images per draw (default: the checkpoint's eval.num_samples, "
+                                                   "capped at the test split's size; more than that is an error "
+                                                   "saying how many the data allows)")
+    p.add_argument("--draws", type=int, help="generator draws whose mean and 95%% interval each score is "
+                                             "(default: the checkpoint's eval.draws, 10)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the draws' latents (draw d: seed*1000+d) and of the "
+                                                       "floor's resampling; two cards with one seed pair draw by draw")
     p.add_argument("--dataset", help="the prepared dataset the checkpoint was trained on (a directory written by "
                                      "`aigc-ray prepare`); default: found by its content hash under --data-root")
     p.add_argument("--data-root", help="whose prepared/ cache to search (default: ~/.cache/aigc-ray); the data "

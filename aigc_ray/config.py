@@ -227,12 +227,16 @@ class EvalConfig:
     """Score a checkpoint every this many epochs during training, and always at the end (0 = only
     at the end). Ray keeps the best checkpoints by FID, and `aigc-ray train` names the best."""
     num_samples: int = 1000
-    """Generated images per evaluation (the floor uses as many real ones); capped at the size of
-    the dataset's smaller split, so every number in a card uses one sample count."""
+    """Generated images per draw, each draw compared with the whole train split; capped at the test
+    split's size (the floor is that many held-out real images, and a draw must be the same size to
+    share its small-N bias; half of it for a family that only reconstructs test images)."""
+    draws: int = 10
+    """Independent generator draws per evaluation: every score is their mean with a 95% interval
+    (aigc_ray/eval/quality.py); a promotion compares two models draw by draw on the same seeds."""
     enabled: bool = True
     """Evaluate during/after training at all."""
     seed: int = 0
-    """Seed of the latents and of the real images drawn for the comparison (same seed, same numbers)."""
+    """Seed of the draws' latents (draw d uses seed * 1000 + d) and of the floor's resampling (same seed, same numbers)."""
     cpus: float = 1.0
     """CPUs reserved for each evaluation task; 0 schedules it without a reservation (for a cluster
     whose CPUs the training workers take entirely: a reserved task would wait there)."""
@@ -248,6 +252,7 @@ class EvalConfig:
     def __post_init__(self) -> None:
         _check(self.every_epochs >= 0, "eval.every_epochs must be >= 0")
         _check(self.num_samples >= 10, "eval.num_samples must be >= 10")
+        _check(2 <= self.draws <= 1000, "eval.draws must be 2..1000 (an interval needs at least 2 draws)")
         _check(self.cpus >= 0, "eval.cpus must be >= 0")
         _check(self.timeout_s >= 0, "eval.timeout_s must be >= 0 (0 = no limit)")
 

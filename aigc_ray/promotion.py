@@ -1,15 +1,21 @@
 """Quality-gated promotion: does a candidate's quality card beat the served model's, on the same protocol?
 
-Pure functions over quality cards (aigc_ray.eval.quality, format aigc-ray-card/1), no Ray, no
+Pure functions over quality cards (aigc_ray.eval.quality, format aigc-ray-card/2), no Ray, no
 torch, so the rule is easy to test and to read:
 
 - Two cards are comparable only when they were measured the same way: same card format, same
-  dataset content (content hash), same sample count N and same seed. Another dataset is a hard
-  error (nothing to re-score against); another N or seed can be fixed by re-scoring the candidate
-  on the served card's protocol (the CLI does that when the dataset is at hand).
-- The candidate is promoted when its metric (default: domain FID, lower is better) improves on
-  the served one by at least ``min_gain``, relative: gain = (current - candidate) / current for a
-  lower-is-better metric, (candidate - current) / current otherwise.
+  dataset content (content hash), same sample count N, same number of draws and same seed. Another
+  dataset is a hard error (nothing to re-score against); another N, draw count or seed, or a
+  candidate card of an older format, can be fixed by re-scoring the candidate on the served card's
+  protocol (the CLI does that when the dataset is at hand). A *served* card of an older format
+  can't be paired: re-score the served checkpoint first.
+- The comparison is paired: with one seed, draw d of both cards used the same latents against the
+  same reference, so the per-draw differences cancel what the two draws share. gain_d =
+  (current_d - candidate_d) / mean(current) for a lower-is-better metric (candidate - current
+  otherwise); the gain is their mean with a 95% Student-t interval.
+- The candidate is promoted when the gain is beyond noise (its interval's lower end above 0) *and*
+  at least ``min_gain``. A gain within noise is refused, and the reason shows both cards' intervals
+  and the gain's.
 """
 
 from __future__ import annotations
@@ -18,8 +24,11 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-PROTOCOL_FIELDS = ("content_hash", "num_samples", "seed")  # what "measured the same way" means
-RESCORABLE = ("num_samples", "seed")  # differences a re-score on the served card's protocol removes
+PROTOCOL_FIELDS = ("content_hash", "num_samples", "draws", "seed")  # what "measured the same way" means
+RESCORABLE = ("num_samples", "draws", "seed")  # differences a re-score on the served card's protocol removes
+CURRENT_FORMAT = "aigc-ray-card/2"  # aigc_ray.models.checkpoint.CARD_FORMAT (no torch import here)
+T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+         12: 2.179, 15: 2.131, 20: 2.086, 25: 2.060, 30: 2.042, 40: 2.021, 60: 2.000, 120: 1.980}
 INTERFACE_FIELDS = ("image_size", "channels", "num_classes", "latent_dim")  # what clients of NAME rely on
 
 
@@ -33,8 +42,12 @@ class ProtocolMismatch(PromotionError):
     def __init__(self, differences: list[tuple[str, Any, Any]], rescorable: bool):
         self.differences, self.rescorable = differences, rescorable
         what = "; ".join(f"{f}: served {cur!r} vs candidate {cand!r}" for f, cur, cand in differences)
-        hint = ("re-score the candidate with `aigc-ray eval --checkpoint P --num-samples N --seed S` on the served "
-                "card's protocol" if rescorable else "a card measured on another dataset can't be compared")
+        old = [cur for f, cur, _ in differences if f == "format" and cur != CURRENT_FORMAT]
+        hint = ("re-score the candidate with `aigc-ray eval --checkpoint P --num-samples N --draws D --seed S` on the "
+                "served card's protocol" if rescorable else
+                f"the served card is of the old protocol {old[0]!r}: re-score the served checkpoint with `aigc-ray eval` "
+                "and reload it (or pass --served CHECKPOINT)" if old else
+                "a card measured on another dataset can't be compared")
         super().__init__(f"quality cards measured on different protocols ({what}); {hint}")
 
 
@@ -48,6 +61,8 @@ class Verdict:
     """Relative improvement of the candidate (positive = better), e.g. 0.12 = 12% better."""
     min_gain: float
     reason: str
+    gain_interval: tuple[float, float] = (math.nan, math.nan)
+    """95% interval of the gain, paired over the draws."""
 
 
 def protocol_of(card: dict[str, Any]) -> dict[str, Any]:
@@ -66,7 +81,9 @@ def check_comparable(current: dict[str, Any], candidate: dict[str, Any]) -> None
     if diffs:
         dataset = [("dataset", protocol_of(current)["dataset"], protocol_of(candidate)["dataset"])]
         named = dataset + diffs if any(f == "content_hash" for f, _, _ in diffs) else diffs
-        raise ProtocolMismatch(named, rescorable=all(f in RESCORABLE for f, _, _ in diffs))
+        # a candidate card of an older format is re-scored like another N or seed; a served one can't be
+        rescorable = all(f in RESCORABLE or (f == "format" and cur == CURRENT_FORMAT) for f, cur, _ in diffs)
+        raise ProtocolMismatch(named, rescorable=rescorable)
 
 
 def interface_differences(current: dict[str, Any], candidate: dict[str, Any]) -> list[tuple[str, Any, Any]]:
@@ -81,28 +98,53 @@ def relative_gain(current: float, candidate: float, lower_is_better: bool) -> fl
     return better_by / abs(current)
 
 
+def t_quantile(df: int) -> float:
+    """The 97.5% quantile of Student's t with ``df`` degrees of freedom (two-sided 95%), from a table."""
+    known = max(k for k in T_975 if k <= df) if df >= 1 else 1
+    return T_975[known]
+
+
+def _interval(card: dict[str, Any], metric: str) -> str:
+    pair = (card.get("intervals") or {}).get(metric)
+    return f" [{pair[0]:.4g}, {pair[1]:.4g}]" if pair else ""
+
+
 def compare_cards(current: dict[str, Any], candidate: dict[str, Any], metric: str = "fid",
                   min_gain: float = 0.05) -> Verdict:
-    """The promotion decision for `candidate` against the served `current` card (same protocol required)."""
+    """The promotion decision for `candidate` against the served `current` card (same protocol required):
+    a paired comparison over the cards' draws (see the module docstring)."""
     if not min_gain >= 0:
         raise PromotionError(f"min_gain: must be >= 0, got {min_gain}")
     check_comparable(current, candidate)
-    values = []
+    values, draws = [], []
     for who, card in (("served", current), ("candidate", candidate)):
         value = (card.get("metrics") or {}).get(metric)
         if not isinstance(value, (int, float)) or math.isnan(value):
             have = ", ".join(sorted(card.get("metrics") or {})) or "none"
             raise PromotionError(f"metric: the {who} card has no {metric!r} (it has: {have})")
+        per_draw = (card.get("draws") or {}).get(metric)
+        if not isinstance(per_draw, list) or len(per_draw) < 2:
+            raise PromotionError(f"metric: the {who} card has no per-draw {metric!r} values to pair; "
+                                 "re-score it with `aigc-ray eval`")
         values.append(float(value))
+        draws.append([float(v) for v in per_draw])
     lower = metric in (current.get("lower_is_better") or ("fid", "kid"))
     cur, cand = values
-    gain = relative_gain(cur, cand, lower)
-    promote = gain >= min_gain
+    scale = abs(cur) if abs(cur) > 1e-12 else 1.0
+    gains = [((c - k) if lower else (k - c)) / scale for c, k in zip(*draws)]
+    gain = sum(gains) / len(gains)
+    sd = math.sqrt(sum((g - gain) ** 2 for g in gains) / (len(gains) - 1))
+    half = t_quantile(len(gains) - 1) * sd / math.sqrt(len(gains))
+    lo, hi = gain - half, gain + half
+    beyond_noise = lo > 0
+    promote = beyond_noise and gain >= min_gain
     direction = "lower" if lower else "higher"
-    reason = (f"{metric} {cand:.4g} vs served {cur:.4g} ({direction} is better): "
-              f"{'better' if gain > 0 else 'not better'} by {gain:+.1%}, "
-              f"{'meets' if promote else 'below'} the required {min_gain:.1%}")
-    return Verdict(promote, metric, cur, cand, gain, min_gain, reason)
+    verdict = ("meets the required" if promote else "below the required" if beyond_noise else
+               "within noise (its interval reaches 0), whatever")
+    reason = (f"{metric} {cand:.4g}{_interval(candidate, metric)} vs served {cur:.4g}{_interval(current, metric)} "
+              f"({direction} is better): {'better' if gain > 0 else 'not better'} by {gain:+.1%} "
+              f"[{lo:+.1%}, {hi:+.1%}] paired over {len(gains)} draws on the same seeds; {verdict} {min_gain:.1%}")
+    return Verdict(promote, metric, cur, cand, gain, min_gain, reason, (lo, hi))
 
 
 def side_by_side(current: dict[str, Any], candidate: dict[str, Any]) -> str:
@@ -115,15 +157,16 @@ def side_by_side(current: dict[str, Any], candidate: dict[str, Any]) -> str:
         cur, cand = current["metrics"][m], candidate["metrics"][m]
         floor = (current.get("floor") or {}).get(m)
         change = relative_gain(cur, cand, m in lower)
-        rows.append((m + (" (lower is better)" if m in lower else ""), f"{cur:.4g}", f"{cand:.4g}",
+        rows.append((m + (" (lower is better)" if m in lower else ""), f"{cur:.4g}{_interval(current, m)}",
+                     f"{cand:.4g}{_interval(candidate, m)}",
                      "-" if floor is None else f"{floor:.4g}", f"{change:+.1%}" if math.isfinite(change) else "-"))
     widths = [max(len(r[i]) for r in rows) for i in range(5)]
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
     lines.insert(2, "-" * len(lines[0]))
     a, b = protocol_of(current), protocol_of(candidate)
     for who, p in (("served", a), ("candidate", b)):
-        lines.append(f"{who}: {p['num_samples']} samples of {p['dataset']} [{str(p['content_hash'])[:12]}], "
-                     f"seed {p['seed']}")
+        lines.append(f"{who}: {p['draws'] or 1} draws of {p['num_samples']} samples of {p['dataset']} "
+                     f"[{str(p['content_hash'])[:12]}], seed {p['seed']}")
     return "\n".join(lines)
 
 
@@ -193,4 +236,4 @@ def rescore_like(checkpoint: str, reference: dict[str, Any], dataset: str | None
 
     p = reference["protocol"]
     return evaluate_checkpoint(checkpoint, num_samples=p["num_samples"], seed=p["seed"], write_card=False,
-                               dataset=dataset, data_root=data_root)["card"]
+                               draws=p.get("draws"), dataset=dataset, data_root=data_root)["card"]

@@ -15,7 +15,7 @@ from aigc_ray.data.pipeline import ensure_prepared, load_split
 from aigc_ray.data.prepare import read_manifest
 from aigc_ray.eval import evaluate_checkpoint
 from aigc_ray.eval.featnet import load_or_train
-from aigc_ray.eval.quality import _pick, domain_metrics
+from aigc_ray.eval.quality import _pick, domain_metrics, memorisation
 from aigc_ray.images import encode_png
 from aigc_ray.models import build_generator
 from aigc_ray.models.checkpoint import read_card, save_checkpoint
@@ -48,6 +48,23 @@ def test_floor_is_near_zero_next_to_noise(tmp_path, data_root):
     # real digits cover every class evenly and the classifier is sure of them; noise does not
     assert floor["class_coverage"] == 1.0 and floor["mode_entropy"] > 0.95 and floor["inception_score"] > 7
     assert noise["inception_score"] < floor["inception_score"]
+    # the house FID is the field's FID through this net: torchmetrics' on the same features agrees
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    fid = FrechetInceptionDistance(feature=net)
+    fid.update(reference, real=True)
+    fid.update(test, real=False)
+    assert abs(float(fid.compute()) - floor["fid"]) < 1e-3 * floor["fid"] + 1e-6
+
+
+def test_memorisation_flags_copies_of_training_images_not_new_ones(tmp_path, data_root):
+    _, prepared = _prepared(tmp_path, data_root)
+    train, test = load_split(prepared, "train")[0], load_split(prepared, "test")[0]
+    half = len(test) // 2
+    copies = memorisation(train[:half], test[half:], train)  # a "generator" that replays training images
+    assert copies["near_copies"] == 1.0 and copies["flagged"] and copies["median_nn_distance"] == 0
+    fresh = memorisation(test[:half], test[half:], train)  # new real images: as near as held-out ones are
+    assert fresh["near_copies"] < 0.05 and not fresh["flagged"]
 
 
 def test_card_round_trips_and_reads_as_ratios(tmp_path, data_root):
@@ -63,8 +80,49 @@ def test_card_round_trips_and_reads_as_ratios(tmp_path, data_root):
     p = card["protocol"]
     assert p["content_hash"] == read_manifest(prepared)["content_hash"] and p["num_samples"] == 100
     assert p["seed"] == 3 and p["weights"] == "raw" and p["feature_net"]["test_accuracy"] > 0.8
+    assert p["feature_net"]["format"] == "aigc-ray-featnet/2" and p["feature_net"]["feature_dim"] == 384
+    # every score is a mean over draws with its 95% interval; the floor has its own (resampled real sets)
+    assert p["draws"] == cfg.eval.draws and len(card["draws"]["fid"]) == cfg.eval.draws
+    for name, value in card["metrics"].items():
+        lo, hi = card["intervals"][name]
+        assert lo <= value <= hi and abs(value - sum(card["draws"][name]) / p["draws"]) < 1e-9, name
+        flo, fhi = card["floor_intervals"][name]
+        assert flo <= card["floor"][name] <= fhi, name
+    assert result["fid_lo"] < result["fid"] < result["fid_hi"] and result["fid_ratio_lo"] < result["fid_ratio"]
+    assert result["fid_floor_lo"] < result["fid_floor"] < result["fid_floor_hi"]
+    assert card["memorisation"]["near_copies"] < 0.05 and not card["memorisation"]["flagged"]
     again = evaluate_checkpoint(ckpt, num_samples=100, seed=3, write_card=False, dataset=prepared)
     assert again["fid"] == result["fid"]  # same seed, same numbers
+    other = evaluate_checkpoint(ckpt, num_samples=100, seed=4, draws=3, write_card=False, dataset=prepared)
+    assert other["fid"] != result["fid"] and other["card"]["protocol"]["draws"] == 3
+
+
+def test_an_old_protocol_card_is_kept_marked_and_replaced(tmp_path, data_root):
+    cfg, prepared = _prepared(tmp_path, data_root)
+    ckpt = Path(_untrained_checkpoint(tmp_path / "ckpt", cfg, prepared))
+    old = {"format": "aigc-ray-card/1", "model_version": "v", "metrics": {"fid": 0.6}, "floor": {"fid": 0.9},
+           "ceiling": {"fid": 90.0}, "ratio": {"fid": 0.67}, "protocol": {"num_samples": 384, "notes": []}}
+    (ckpt / "card.json").write_text(json.dumps(old))
+    assert "one draw" in read_card(ckpt)["old_protocol"]  # read as it is, said to be of the old protocol
+    evaluate_checkpoint(str(ckpt), num_samples=50, draws=2, dataset=prepared)
+    assert read_card(ckpt)["format"] == "aigc-ray-card/2" and "old_protocol" not in read_card(ckpt)
+    kept = json.loads((ckpt / "card.aigc-ray-card-1.json").read_text())
+    assert kept["metrics"] == old["metrics"] and kept["old_protocol"]
+
+
+def test_more_samples_than_the_data_allows_is_an_error_that_says_how_many(tmp_path, data_root, capsys):
+    from aigc_ray.cli import main
+
+    cfg, prepared = _prepared(tmp_path, data_root)
+    ckpt = _untrained_checkpoint(tmp_path / "ckpt", cfg, prepared)
+    n_test = len(load_split(prepared, "test")[0])
+    assert main(["eval", "--checkpoint", ckpt, "--dataset", prepared, "--num-samples", "100000", "--no-card"]) == 2
+    assert f"at most {n_test}" in capsys.readouterr().err
+    assert main(["eval", "--checkpoint", ckpt, "--dataset", prepared, "--draws", "1", "--no-card"]) == 2
+    assert "--draws" in capsys.readouterr().err
+    # the config's own num_samples is capped with a note instead (a default must work on any data)
+    card = evaluate_checkpoint(ckpt, draws=2, write_card=False, dataset=prepared)["card"]
+    assert card["protocol"]["num_samples"] == min(cfg.eval.num_samples, n_test)
 
 
 def test_class_accuracy_counts_the_class_asked_for(tmp_path, data_root):
@@ -119,8 +177,10 @@ def test_cli_eval_prints_the_table_and_writes_the_card(tmp_path, data_root):
                            "--num-samples", "64", "--dataset", prepared], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     header, *rows = proc.stdout.splitlines()
-    assert header.split() == ["metric", "value", "floor", "ceiling", "ratio"]
-    assert any(r.startswith("fid") for r in rows) and any(r.startswith("class_coverage") for r in rows)
+    assert header.split()[0] == "metric" and "value [95% interval]" in header and "ratio [95%]" in header
+    fid_row = next(r for r in rows if r.startswith("fid"))
+    assert fid_row.count("[") == 3  # value, floor and ratio each with an interval
+    assert any(r.startswith("class_coverage") for r in rows) and any("draws of 64" in r for r in rows)
     card = read_card(ckpt)
     assert card["protocol"]["num_samples"] == 64 and card["metrics"]["fid"] > 0
     proc = subprocess.run([sys.executable, "-m", "aigc_ray.cli", "eval", "--checkpoint", str(tmp_path),

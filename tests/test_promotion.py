@@ -21,11 +21,28 @@ from aigc_ray.promotion import (
 HASH = "8d80d48128cf3bdaf72d32aff8490588664ef39cc8b1e11d2979246890cae813"
 
 
-def card(fid: float, version: str = "dcgan-s1-aaaa", **protocol) -> dict:
-    p = {"dataset": "digits", "content_hash": HASH, "num_samples": 64, "seed": 0, **protocol}
-    return {"format": "aigc-ray-card/1", "model_version": version, "lower_is_better": ["fid", "kid"],
-            "metrics": {"fid": fid, "kid": fid / 10, "kid_std": 0.1, "precision": 0.5},
-            "floor": {"fid": 4.0, "kid": 0.0, "kid_std": 0.1, "precision": 1.0}, "protocol": p}
+NOISE = (-0.2, 0.1, 0.3, -0.1, -0.1)  # what the draws of one seed share, draw by draw (mean 0)
+
+
+def card(fid: float, version: str = "dcgan-s1-aaaa", noise=NOISE, fmt="aigc-ray-card/2", **protocol) -> dict:
+    """A card as aigc-ray eval writes it: each metric the mean of its draws, with their interval."""
+    p = {"dataset": "digits", "content_hash": HASH, "num_samples": 64, "draws": len(noise), "seed": 0, **protocol}
+    metrics = {"fid": fid, "kid": fid / 10, "kid_std": 0.1, "precision": 0.5}
+    c = {"format": fmt, "model_version": version, "lower_is_better": ["fid", "kid"], "metrics": metrics,
+         "floor": {"fid": 4.0, "kid": 0.0, "kid_std": 0.1, "precision": 1.0}, "protocol": p}
+    if fmt == "aigc-ray-card/2":
+        set_metric(c, "kid", fid / 10, [n / 10 for n in noise])
+        set_metric(c, "precision", 0.5, [n / 10 for n in noise])
+        set_metric(c, "fid", fid, noise)
+    return c
+
+
+def set_metric(c: dict, name: str, mean: float, noise=NOISE) -> dict:
+    c.setdefault("draws", {})[name] = [mean + n for n in noise]
+    c["metrics"][name] = mean
+    spread = max(abs(n) for n in noise)
+    c.setdefault("intervals", {})[name] = [mean - spread, mean + spread]
+    return c
 
 
 def test_better_by_the_margin_is_promoted_worse_or_marginal_is_refused():
@@ -38,8 +55,35 @@ def test_better_by_the_margin_is_promoted_worse_or_marginal_is_refused():
     assert compare_cards(card(20.0), card(19.5), min_gain=0.0).promote
     # higher-is-better metric: the direction flips
     hi, lo = card(20.0), card(20.0)
-    hi["metrics"]["precision"], lo["metrics"]["precision"] = 0.9, 0.5
+    set_metric(hi, "precision", 0.9, [n / 10 for n in NOISE])
+    set_metric(lo, "precision", 0.5, [n / 10 for n in NOISE])
     assert compare_cards(lo, hi, metric="precision").promote and not compare_cards(hi, lo, metric="precision").promote
+
+
+def test_a_gain_within_the_draws_noise_is_refused_with_both_intervals():
+    # 5% better on average, but the draws disagree by +-30%: the paired interval reaches below 0
+    served, candidate = card(20.0, noise=(-3, 3, -3, 3, 0)), card(19.0, noise=(3, -3, 3, -3, 0))
+    v = compare_cards(served, candidate, min_gain=0.0)
+    lo, hi = v.gain_interval
+    assert not v.promote and v.gain == pytest.approx(0.05) and lo < 0 < hi
+    assert "within noise" in v.reason and "[17, 23]" in v.reason and "[16, 22]" in v.reason
+    # the same mean gain on draws that agree is beyond noise
+    assert compare_cards(card(20.0), card(19.0), min_gain=0.0).promote
+    # a card without its per-draw values can't be paired
+    bare = card(19.0)
+    del bare["draws"]
+    with pytest.raises(PromotionError, match="no per-draw 'fid' values"):
+        compare_cards(card(20.0), bare)
+
+
+def test_a_card_of_the_old_single_draw_protocol_is_not_compared_with_a_new_one():
+    old = card(20.0, fmt="aigc-ray-card/1")
+    with pytest.raises(ProtocolMismatch) as err:  # served card old: re-score the served checkpoint
+        compare_cards(old, card(10.0))
+    assert not err.value.rescorable and "re-score the served checkpoint" in str(err.value)
+    with pytest.raises(ProtocolMismatch) as err:  # candidate card old: the CLI re-scores the candidate
+        compare_cards(card(20.0), card(10.0, fmt="aigc-ray-card/1"))
+    assert err.value.rescorable and "re-score the candidate" in str(err.value)
 
 
 def test_cards_on_another_protocol_are_not_compared():
@@ -61,8 +105,8 @@ def test_side_by_side_shows_both_cards():
     text = side_by_side(card(20.0, "dcgan-s1-old"), card(25.0, "dcgan-s9-new"))
     assert "dcgan-s1-old" in text and "dcgan-s9-new" in text
     fid = next(line for line in text.splitlines() if line.startswith("fid"))
-    assert fid.split()[-4:] == ["20", "25", "4", "-25.0%"]
-    assert "kid_std" not in text and "64 samples of digits" in text
+    assert "20 [19.7, 20.3]" in fid and "25 [24.7, 25.3]" in fid and fid.split()[-2:] == ["4", "-25.0%"]
+    assert "kid_std" not in text and "5 draws of 64 samples of digits" in text
 
 
 def _checkpoint(tmp_path, name: str, fid: float, **protocol):
@@ -163,7 +207,7 @@ def test_cli_promote_rescores_a_candidate_measured_with_another_count_and_seed(t
     captured = capsys.readouterr()
     assert "re-scoring" in captured.err and "num_samples: served 64 vs candidate 100" in captured.err
     rescored = captured.out.split("candidate:")[-1]
-    assert "64 samples of digits" in rescored and "seed 0" in rescored
+    assert "5 draws of 64 samples of digits" in rescored and "seed 0" in rescored
     assert code == 0 and "PROMOTE" in captured.out
     assert read_card(candidate)["protocol"]["num_samples"] == 100  # the re-score is not written over its card
 

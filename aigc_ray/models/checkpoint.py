@@ -5,6 +5,7 @@
                          "step", "epoch", "ema", "dataset": {...}}
     train_state.pt      resume-only: raw G, D, optimizers, EMA state (loaded weights_only)
     card.json           quality card, written by `aigc-ray eval` (optional)
+    card.<old>.json     a card of an older protocol, kept when a newer one replaced it (e.g. card.aigc-ray-card-1.json)
 
 Only torch, safetensors and the config dataclasses are needed to load it (no Ray).
 
@@ -33,6 +34,12 @@ from aigc_ray.config import ConfigError, ExperimentConfig, ModelConfig
 from aigc_ray.models import build_generator
 
 FORMAT = "aigc-ray-checkpoint/1"
+CARD_FORMAT = "aigc-ray-card/2"  # the quality protocol of aigc_ray/eval/quality.py (its one writer is write_card)
+OLD_CARD_FORMATS = {
+    "aigc-ray-card/1": "old protocol aigc-ray-card/1: one draw of N generated images against N train images, "
+                       "no intervals, 64-d feature net; its numbers moved ~2x with the seed. Re-score with "
+                       "`aigc-ray eval --checkpoint DIR`",
+}
 WEIGHTS, CONFIG, TRAIN_STATE, CARD = "model.safetensors", "config.json", "train_state.pt", "card.json"
 # 2**27 parameters = 512 MiB in fp32: far above any shipped config (the largest has a few
 # million), far below what would exhaust a serving replica. Checked on the meta device.
@@ -193,15 +200,31 @@ def load_train_state(directory: str | Path) -> dict[str, Any] | None:
 
 def read_card(directory: str | Path) -> dict[str, Any] | None:
     """The checkpoint's quality card; None (with a warning) when it is absent, torn or not a card:
-    the card is optional, so a bad one never makes a good checkpoint unusable."""
+    the card is optional, so a bad one never makes a good checkpoint unusable. A card of an older
+    protocol is returned marked: ``old_protocol`` says which and how to re-score (promote and
+    canaries won't compare it with a current card)."""
     card = storage.read_json(str(Path(directory) / CARD))
     if card is not None and not (isinstance(card, dict) and isinstance(card.get("metrics"), dict)):
         storage.warn(f"{Path(directory) / CARD} is not a quality card; ignoring it")
         return None
+    return mark_old_protocol(card) if card is not None else None
+
+
+def mark_old_protocol(card: dict[str, Any]) -> dict[str, Any]:
+    """The card with ``old_protocol`` set when its format is not CARD_FORMAT (a card from before intervals)."""
+    fmt = card.get("format")
+    if fmt != CARD_FORMAT and "old_protocol" not in card:
+        card = {**card, "old_protocol": OLD_CARD_FORMATS.get(fmt, f"card format {fmt!r}, not {CARD_FORMAT}")}
     return card
 
 
 def write_card(directory: str | Path, card: dict[str, Any]) -> Path:
+    """Write card.json. A card of another format already there is kept beside it as card.<format>.json,
+    marked old, so replacing it loses nothing."""
     path = Path(directory) / CARD
+    previous = storage.read_json(str(path))
+    if isinstance(previous, dict) and previous.get("format") != card.get("format"):
+        name = str(previous.get("format") or "unknown").replace("/", "-")
+        storage.write_json(str(Path(directory) / f"card.{name}.json"), mark_old_protocol(previous))
     storage.write_json(str(path), card)
     return path

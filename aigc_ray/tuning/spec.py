@@ -25,7 +25,10 @@ SEARCH_ALGS = ("random", "grid", "optuna")
 # What the domain-FID evaluation (aigc_ray.eval) adds on evaluated epochs, for every family (one
 # that cannot generate is scored on its reconstructions). A family's own per-step metrics, the
 # settings that mean something for it and those PBT may mutate come from its registered object.
-EVAL_METRICS = {"fid", "kid", "fid_floor", "fid_ratio", "kid_ratio"}
+# Each is the mean over eval.draws generator draws; _lo / _hi are its 95% interval (fid_hi: rank by the
+# pessimistic end, so a lucky draw doesn't win a rung).
+EVAL_METRICS = {"fid", "kid", "fid_floor", "fid_ratio", "kid_ratio",
+                "fid_lo", "fid_hi", "fid_ratio_lo", "fid_ratio_hi", "kid_lo", "kid_hi"}
 # PBT clones weights between trials, so it may only mutate what leaves the weights' shapes alone
 # (plus each family's pbt_mutable_options, as model.options.<name>).
 PBT_MUTABLE_PREFIXES = ("train.lr_g", "train.lr_d", "train.beta1", "train.beta2", "train.critic_steps",
