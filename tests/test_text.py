@@ -155,3 +155,22 @@ def test_tampered_text_checkpoint_is_refused(tmp_path):
     save_file(state, str(tmp_path / "model.safetensors"))
     with pytest.raises(CheckpointError, match="does not match"):
         load_text_model(tmp_path)
+
+
+def test_the_shipped_text_sweep_spec_loads_and_bad_specs_name_the_key(tmp_path, capsys):
+    from aigc_ray.tuning.text_sweep import is_text_spec, load_text_spec
+
+    spec = load_text_spec("tune/gpt_asha.yaml")
+    assert is_text_spec("tune/gpt_asha.yaml") and spec.metric == "val_bpb" and spec.mode == "min"
+    assert set(spec.space) == {"train.lr", "model.width", "model.depth", "model.dropout"}
+    smoke = load_text_spec("tune/gpt_asha.yaml", smoke=True)
+    assert smoke.epochs == 2 and smoke.base_config().model.block_size == 32
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("modality: text\nname: x\nbase: gpt-stdlib\nspace: {model.width: {choice: [30]}}\n")
+    with pytest.raises(ConfigError, match=r"space.model.width=30: .*not a multiple of model.options.heads"):
+        load_text_spec(str(bad))
+    bad.write_text("modality: text\nname: x\nbase: gpt-stdlib\nspace: {train.epochs: {choice: [3]}}\n")
+    with pytest.raises(ConfigError, match="space.train.epochs is set by the sweep itself"):
+        load_text_spec(str(bad))
+    assert main(["tune", "--spec", "tune/gpt_asha.yaml", "--smoke-test", "--dry-run"]) == 0
+    assert "name: gpt-asha" in capsys.readouterr().out
