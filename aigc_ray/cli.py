@@ -75,7 +75,8 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     if getattr(cfg, "modality", "image") == "text":  # a language model (gpt-stdlib, ...): train/text_loop.py
-        from aigc_ray.train.text_loop import main_print, run_text_training as run_training
+        from aigc_ray.train.text_loop import main_print
+        from aigc_ray.train.text_loop import run_text_training as run_training
     else:
         from aigc_ray.train.loop import main_print, run_training
 

@@ -111,7 +111,8 @@ def score(best: str, root: Path, out: Path) -> dict:
     flat = _flatten(card)
     summary = {k: v for k, v in flat.items() if "fid" in k and isinstance(v, int | float)}  # card/1 or /2
     return {"eval": {"timing": timing, "card_format": card.get("format"), "summary": summary, "card": card},
-            "grids": str(grids.resolve().relative_to(ROOT)) if grid_proc.returncode == 0 else f"failed: {grid_proc.stderr[-300:]}",
+            "grids": (str(grids.resolve().relative_to(ROOT)) if grid_proc.returncode == 0
+                      else f"failed: {grid_proc.stderr[-300:]}"),
             "grid_output": grid_proc.stdout.strip()[-500:]}
 
 

@@ -3,7 +3,6 @@ quality card, then served next to an image model by Ray Serve: real HTTP on 127.
 
 import json
 import socket
-import time
 
 import httpx
 import pytest

@@ -171,7 +171,7 @@ def prepare_text(dataset: str, out: str | Path, *, max_file_bytes: int = 64 * 2*
                             f"train and a validation split ({CHUNK_BYTES}-byte chunks, every {validation_every}th "
                             "for validation)")
     source_hash = hashlib.sha256()
-    for name, data in docs:
+    for _name, data in docs:
         source_hash.update(hashlib.sha256(data).digest())
     manifest = {"format": FORMAT, "source": dataset, "documents": len(docs),
                 "python": sys.version.split()[0] if dataset == "stdlib" else None,

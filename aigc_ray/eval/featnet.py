@@ -116,6 +116,11 @@ class FeatureNet(nn.Module):
         return out.view(len(images), self.channels, self.side, self.side)
 
 
+# nets this process trained, by (content hash, seed): the same data prepared again elsewhere (another data
+# root, a test's temporary directory) gets the same net, written beside it, without training it again
+_trained: dict[tuple[str, int], tuple[dict[str, torch.Tensor], dict]] = {}
+
+
 def _names(content_hash: str) -> tuple[str, str]:
     stem = f"featnet-{content_hash[:16]}"
     return f"{stem}.safetensors", f"{stem}.json"
@@ -128,7 +133,7 @@ def load_or_train(prepared: str, seed: int = 0, quiet: bool = False) -> tuple[Fe
     info_path, weights_path = storage.join(prepared, info_name), storage.join(prepared, weights_name)
     num_classes = manifest["num_classes"] if manifest["num_classes"] >= 2 else 0
     info = storage.read_json(info_path) if storage.exists(weights_path) else None  # torn: trained again
-    if isinstance(info, dict):
+    if isinstance(info, dict) and info.get("format") == FORMAT:  # an older format's net is trained again
         net = FeatureNet(manifest["channels"], manifest["image_size"], num_classes)
         with tempfile.TemporaryDirectory() as tmp:
             local = Path(tmp, weights_name)
@@ -139,7 +144,14 @@ def load_or_train(prepared: str, seed: int = 0, quiet: bool = False) -> tuple[Fe
         print(f"eval: {manifest['source']} has no class labels (num_classes={manifest['num_classes']}); domain "
               "features come from a small autoencoder trained on it instead of a classifier, and the "
               "inception score and mode coverage are not available", file=sys.stderr)
-    net, info = _train(prepared, manifest, num_classes, seed)
+    key = (manifest["content_hash"], seed)
+    if key in _trained:
+        net = FeatureNet(manifest["channels"], manifest["image_size"], num_classes)
+        net.load_state_dict(_trained[key][0])
+        info = dict(_trained[key][1])
+    else:
+        net, info = _train(prepared, manifest, num_classes, seed)
+        _trained[key] = ({k: v.clone() for k, v in net.state_dict().items()}, dict(info))
     with tempfile.TemporaryDirectory() as tmp:
         save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(Path(tmp, weights_name)),
                   metadata={"format": FORMAT})

@@ -47,8 +47,7 @@ from aigc_ray.data.pipeline import load_split
 from aigc_ray.data.prepare import MANIFEST, read_manifest
 from aigc_ray.eval.featnet import FeatureNet, load_or_train
 from aigc_ray.models import build_generator
-from aigc_ray.models.checkpoint import (CARD_FORMAT, load_generator, model_config, model_version, read_meta,
-                                        write_card)
+from aigc_ray.models.checkpoint import CARD_FORMAT, load_generator, model_config, model_version, read_meta, write_card
 from aigc_ray.pipeline import GeneratorPipeline
 
 FEATNET_SEED = 0  # fixed, so every evaluation of a dataset looks through the same cached network
@@ -419,7 +418,10 @@ def score_checkpoint(checkpoint_dir: str, num_samples: int | None = None, seed: 
                       f"mean of {draws} random {n}-image subsets of the {len(test)} test-split images") + " vs the reference",
             "ceiling": "untrained generator, one draw",
             "interval": f"{CONFIDENCE:.0%} Student-t over the {draws} draws",
-            "floor_interval": f"{CONFIDENCE:.0%} normal bootstrap: {FLOOR_BOOTSTRAP} resamples of the test images and of the reference",
+            "floor_interval": f"{CONFIDENCE:.0%} normal bootstrap: {FLOOR_BOOTSTRAP} resamples of the test images "
+                              "and of the reference",
+            "ratio_interval": "the draws' interval over the floor's mean (cards on one protocol share the floor, so its "
+                              "uncertainty cancels in a comparison; it is floor_intervals)",
             "feature_net": {k: v for k, v in info.items() if k != "format"} | {"format": info.get("format")},
             "kid_subset_size": reference.kid_subset_size, "kid_subsets": KID_SUBSETS, "pr_neighbours": PR_NEIGHBOURS,
             "notes": notes,

@@ -71,8 +71,9 @@ class ProgressLines(ray.tune.Callback):
         previous = storage.read_bytes(path) if storage.exists(path) else b""  # (no appends on s3)
         storage.write_bytes(path, previous + json.dumps(record, default=str).encode() + b"\n")
         epoch = result.get("epoch", 0)
+        wanted = {self.metric, "kid", "fid_ratio", "fid_lo", "fid_hi"} | _LOSSES
         shown = {k: v for k, v in result.items()
-                 if isinstance(v, (int, float)) and k in ({self.metric, "kid", "fid_ratio", "fid_lo", "fid_hi"} | _LOSSES) and k not in SKIP_IN_LINES}
+                 if isinstance(v, (int, float)) and k in wanted and k not in SKIP_IN_LINES}
         params = " ".join(f"{_short(k)}={_fmt(v)}" for k, v in trial.config.get("space", {}).items())
         values = " ".join(f"{k}={_fmt(v)}" for k, v in sorted(shown.items(), key=lambda kv: kv[0] != self.metric))
         print(f"[{trial.trial_id}] epoch {epoch:g} {values}  ({params})", file=sys.stderr, flush=True)
