@@ -122,7 +122,8 @@ def test_export_parity_onnx_and_torchscript(tmp_path, name, family, model, graph
 
 
 def test_onnx_metadata_carries_version_sizes_and_card(tmp_path):
-    card = {"protocol": {"dataset_hash": "abc", "num_samples": 64, "seed": 0}, "metrics": {"fid": 1.5}}
+    card = {"format": "aigc-ray-card/2", "protocol": {"dataset_hash": "abc", "num_samples": 64, "seed": 0},
+            "metrics": {"fid": 1.5}}
     ckpt = make_checkpoint(tmp_path / "ckpt", "dcgan", card=card, num_classes=3)
     version = GeneratorPipeline.from_checkpoint(ckpt).version
     for fmt, out in (("onnx", tmp_path / "g.onnx"), ("torchscript", tmp_path / "g.pt")):

@@ -30,7 +30,9 @@ def _variant(src, dst, shift: float, fid_factor: float) -> str:
     weights = load_file(str(dst / "model.safetensors"))
     save_file({k: v + shift if v.is_floating_point() else v for k, v in weights.items()}, str(dst / "model.safetensors"))
     card = read_card(dst)
-    card["metrics"]["fid"] *= fid_factor
+    card["metrics"]["fid"] *= fid_factor  # the mean, its interval and the draws it is the mean of
+    card["intervals"]["fid"] = [v * fid_factor for v in card["intervals"]["fid"]]
+    card["draws"]["fid"] = [v * fid_factor for v in card["draws"]["fid"]]
     card["model_version"] = model_version(dst)
     write_card(dst, card)
     return str(dst)

@@ -50,8 +50,8 @@ def test_a_torn_evaluation_record_is_skipped(tmp_path, capsys):
 
 
 def test_a_bad_card_reads_as_no_card(tmp_path, capsys):
-    write_card(tmp_path, {"metrics": {"fid": 1.0}})
-    assert read_card(tmp_path) == {"metrics": {"fid": 1.0}}
+    write_card(tmp_path, {"format": "aigc-ray-card/2", "metrics": {"fid": 1.0}})
+    assert read_card(tmp_path) == {"format": "aigc-ray-card/2", "metrics": {"fid": 1.0}}
     (tmp_path / "card.json").write_text('{"metrics": {"fi')
     assert read_card(tmp_path) is None
     (tmp_path / "card.json").write_text("[1, 2]")

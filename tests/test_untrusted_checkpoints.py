@@ -113,8 +113,8 @@ def test_a_sweeps_best_checkpoint_exports_to_a_uri(checkpoint, tmp_path, monkeyp
     from aigc_ray.tuning import sweep
 
     monkeypatch.chdir(tmp_path)
-    write_card(checkpoint, {"metrics": {"fid": 2.0}})
+    write_card(checkpoint, {"format": "aigc-ray-card/2", "metrics": {"fid": 2.0}})
     dest, card = sweep.export_best(None, str(checkpoint), f"file://{tmp_path}/out/best")
-    assert card == {"metrics": {"fid": 2.0}} and dest == f"file://{tmp_path}/out/best"
+    assert card == {"format": "aigc-ray-card/2", "metrics": {"fid": 2.0}} and dest == f"file://{tmp_path}/out/best"
     assert sorted(p.name for p in (tmp_path / "out" / "best").iterdir()) == sorted(p.name for p in checkpoint.iterdir())
     assert not (tmp_path / "file:").exists()
