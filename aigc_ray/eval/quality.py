@@ -315,6 +315,24 @@ def _floor(net: FeatureNet, reference: Reference, test: torch.Tensor, test_label
     return value, interval
 
 
+def _stored_floor(prepared: str, info: dict, key: tuple, compute) -> tuple[dict, dict]:
+    """The floor for (content hash, n, draws, seed), kept beside the prepared data as floor-*.json: it
+    depends only on the data, the feature net and those numbers, and its bootstrap is most of an
+    evaluation's cost (each training-time evaluation is a fresh process)."""
+    content_hash, n, draws, seed = key
+    path = storage.join(prepared, f"floor-{content_hash[:16]}-n{n}-d{draws}-s{seed}.json")
+    stamp = {"feature_net": info.get("format"), "feature_net_seed": info.get("seed"), "bootstrap": FLOOR_BOOTSTRAP}
+    stored = storage.read_json(path)  # None when absent or torn: computed again
+    if isinstance(stored, dict) and stored.get("stamp") == stamp:
+        return stored["value"], stored["interval"]
+    value, interval = compute()
+    try:
+        storage.write_json(path, {"stamp": stamp, "value": value, "interval": interval})
+    except OSError:
+        pass  # a read-only dataset: computed again next time
+    return value, interval
+
+
 def score_checkpoint(checkpoint_dir: str, num_samples: int | None = None, seed: int = 0, *,
                      draws: int | None = None, dataset: str | None = None, data_root: str | None = None,
                      own_checkpoint: bool = False, strict: bool = False) -> dict[str, Any]:
@@ -373,7 +391,8 @@ def score_checkpoint(checkpoint_dir: str, num_samples: int | None = None, seed: 
 
     key = ("floor", manifest["content_hash"], n, draws if n < len(test) else 1, seed)
     if key not in _cache:
-        _cache[key] = _floor(net, reference, test, test_labels, n, draws, seed)
+        _cache[key] = _stored_floor(prepared, info, key[1:], lambda: _floor(net, reference, test, test_labels, n,
+                                                                             draws, seed))
     floor, floor_interval = _cache[key]
     key = ("ceiling", manifest["content_hash"], n, seed, json.dumps(meta["model"], sort_keys=True))
     if key not in _cache:
