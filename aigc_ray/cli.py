@@ -326,12 +326,16 @@ def build_parser() -> argparse.ArgumentParser:
                                    "ae). The file carries the model version, family, sizes, class count, latent "
                                    "rule and quality card (ONNX metadata_props; TorchScript extra file "
                                    "aigc_ray.json). examples/offline_generate.py turns seeds into labelled PNGs "
-                                   "with only onnxruntime, numpy and Pillow.")
+                                   "with only onnxruntime, numpy and Pillow. A text checkpoint (gpt, rnn-lm) exports "
+                                   "as onnx only, graph step: one decoding step with its KV cache (gpt) or hidden "
+                                   "state (rnn-lm), the vocabulary and model config in the metadata; "
+                                   "aigc_ray/text_onnx.py decodes it with only onnxruntime and numpy.")
     p.add_argument("--checkpoint", required=True, help="checkpoint directory (or s3:// / gs:// URI)")
     p.add_argument("--format", required=True, choices=("onnx", "torchscript"),
-                   help="onnx (for onnxruntime, no torch needed) or torchscript (frozen)")
-    p.add_argument("--graph", default="generate", choices=("generate", "encode", "reconstruct"),
-                   help="which computation to export (default: generate)")
+                   help="onnx (for onnxruntime, no torch needed) or torchscript (frozen; image checkpoints only)")
+    p.add_argument("--graph", choices=("generate", "encode", "reconstruct", "step"),
+                   help="which computation to export (default: generate; a text checkpoint's only graph is step, "
+                        "one decoding step with its KV cache / hidden state)")
     p.add_argument("--out", required=True, help="output file, e.g. model.onnx or model.pt")
     p.set_defaults(func=cmd_export)
 

@@ -100,15 +100,24 @@ def export_metadata(pipe: GeneratorPipeline, graph: str, fmt: str, card: dict | 
     return {k: str(v) for k, v in meta.items()}
 
 
-def export_checkpoint(checkpoint: str, fmt: str, out: str | Path, graph: str = "generate") -> dict[str, str]:
-    """Write the checkpoint's `graph` as `fmt` to `out` (temp file + rename); return its metadata."""
+def export_checkpoint(checkpoint: str, fmt: str, out: str | Path, graph: str | None = None) -> dict[str, str]:
+    """Write the checkpoint's `graph` (default: generate; a text checkpoint's: its decoding step) as `fmt` to
+    `out` (temp file + rename); return its metadata."""
     if fmt not in FORMATS:
         raise ExportError(f"format: {fmt!r} is not supported; use one of {', '.join(FORMATS)}")
-    if graph not in GRAPHS:
-        raise ExportError(f"graph: {graph!r} is not one of {', '.join(GRAPHS)}")
     if not storage.is_uri(checkpoint) and not Path(checkpoint).is_dir():
         raise ExportError(f"checkpoint: {checkpoint} is not a directory")
     with storage.localized(checkpoint) as local:  # (the weights are in memory after this block)
+        from aigc_ray.models.text_checkpoint import is_text_checkpoint
+
+        if is_text_checkpoint(local):  # a language model: its own graph and metadata (aigc_ray/text_export.py)
+            from aigc_ray.text_export import export_text_checkpoint
+
+            return export_text_checkpoint(local, fmt, out, graph, EXPORT_FORMAT)
+        graph = graph or "generate"
+        if graph not in GRAPHS:
+            raise ExportError(f"graph: {graph!r} is not one of {', '.join(GRAPHS)}"
+                              + (" (step is a text checkpoint's graph)" if graph == "step" else ""))
         pipe = GeneratorPipeline.from_checkpoint(local)
         card = read_card(local)
     module, example, inputs, outputs = _graph(pipe, graph)
