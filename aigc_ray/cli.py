@@ -357,7 +357,8 @@ def build_parser() -> argparse.ArgumentParser:
     cur.add_argument("--url", help="a running server (http://127.0.0.1:8000): the served card from /v1/models "
                                    "(default: asked of the app through Ray)")
     cur.add_argument("--served", help="the checkpoint NAME serves now (its card.json)")
-    p.add_argument("--metric", default="fid", help="card metric to compare (default: fid, lower is better)")
+    p.add_argument("--metric", help="card metric to compare (default: fid, lower is better; a text model: val_bpb, "
+                                    "validation bits/byte paired over the same validation blocks)")
     p.add_argument("--min-gain", type=float, default=0.05, help="required relative improvement (default 0.05)")
     p.add_argument("--no-rescore", action="store_true", help="refuse instead of re-scoring on another sample count/seed")
     p.add_argument("--dataset", help="for a re-score: the prepared dataset directory the cards were measured on "

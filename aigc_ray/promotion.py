@@ -16,6 +16,10 @@ torch, so the rule is easy to test and to read:
 - The candidate is promoted when the gain is beyond noise (its interval's lower end above 0) *and*
   at least ``min_gain``. A gain within noise is refused, and the reason shows both cards' intervals
   and the gain's.
+
+Text models (the section at the end) follow the same shape on their own card (aigc_ray/text_quality.py):
+validation bits/byte paired block by block over the same validation blocks instead of draws. A text
+candidate for an image model, or the reverse, is an error naming the modality.
 """
 
 from __future__ import annotations
@@ -192,14 +196,17 @@ def checkpoint_card(checkpoint: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """(card, interface) of a checkpoint; interface = the INTERFACE_FIELDS of its model config."""
     from aigc_ray import storage
     from aigc_ray.models.checkpoint import read_card, read_meta
+    from aigc_ray.models.text_checkpoint import is_text_checkpoint
 
     local = storage.localize(checkpoint)
+    if is_text_checkpoint(local):  # a language model's card: validation bits/byte per block (text section below)
+        return text_checkpoint_card(local, checkpoint)
     model = read_meta(local)["model"]
     card = read_card(local)
     if card is None:
         raise PromotionError(f"checkpoint: {checkpoint} has no quality card (card.json); "
                              f"run `aigc-ray eval --checkpoint {checkpoint}` first")
-    return card, {f: model.get(f) for f in INTERFACE_FIELDS}
+    return card, {"modality": "image", **{f: model.get(f) for f in INTERFACE_FIELDS}}
 
 
 def served_card(url: str, name: str, timeout_s: float = 10.0) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -224,7 +231,7 @@ def served_card(url: str, name: str, timeout_s: float = 10.0) -> tuple[dict[str,
     if not info.get("card"):
         raise PromotionError(f"model: {name} ({info.get('version')}) serves without a quality card; "
                              f"run `aigc-ray eval --checkpoint {info.get('checkpoint')}` and reload it")
-    return info["card"], {f: info.get(f) for f in INTERFACE_FIELDS}
+    return {"model_version": info.get("version"), **info["card"]}, interface_of(info)  # (a text card has none)
 
 
 def rescore_like(checkpoint: str, reference: dict[str, Any], dataset: str | None = None,
@@ -237,3 +244,168 @@ def rescore_like(checkpoint: str, reference: dict[str, Any], dataset: str | None
     p = reference["protocol"]
     return evaluate_checkpoint(checkpoint, num_samples=p["num_samples"], seed=p["seed"], write_card=False,
                                draws=p.get("draws"), dataset=dataset, data_root=data_root)["card"]
+
+
+# ---- text models: validation bits/byte, paired over the same validation blocks ------------------------
+# A text card (aigc_ray/text_quality.py's text_card) keeps each validation block's bits/byte; two cards with
+# the same protocol (dataset content, block size, block cap, so the same blocks) pair block by block:
+# d_b = candidate_b - served_b. Promoted when d's 95% interval lies entirely below 0 (better beyond noise)
+# and the relative gain -mean(d) / served mean is at least min_gain.
+
+TEXT_METRIC = "val_bpb"
+TEXT_INTERFACE_FIELDS = ("vocab",)  # what a client of a served text model relies on (prompt bytes in, bytes out)
+
+
+def interface_of(info: dict[str, Any]) -> dict[str, Any]:
+    """What clients of a served name rely on, from a model's info (GET /v1/models, the app) or its config."""
+    modality = info.get("modality") or "image"
+    fields = TEXT_INTERFACE_FIELDS if modality == "text" else INTERFACE_FIELDS
+    return {"modality": modality, **{f: info.get(f) for f in fields}}
+
+
+def check_same_modality(served: dict[str, Any], candidate: dict[str, Any], candidate_path: str, model: str) -> None:
+    """A text checkpoint can only replace a text model, an image checkpoint an image model."""
+    a, b = served.get("modality") or "image", candidate.get("modality") or "image"
+    if a != b:
+        raise PromotionError(f"modality: candidate {candidate_path} is a{'n' if b == 'image' else ''} {b} model and "
+                             f"{model} serves a{'n' if a == 'image' else ''} {a} model; a {b} checkpoint can only "
+                             f"replace a {b} model (serve it under another name)")
+
+
+def text_protocol_differences(current: dict[str, Any], candidate: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    from aigc_ray.text_quality import PROTOCOL_FIELDS, TEXT_CARD_FORMAT
+
+    a, b = current.get("protocol") or {}, candidate.get("protocol") or {}
+    diffs = [(f, a.get(f), b.get(f)) for f in PROTOCOL_FIELDS if a.get(f) != b.get(f)]
+    for who, card in (("served", current), ("candidate", candidate)):
+        if card.get("format") != TEXT_CARD_FORMAT:
+            diffs.append((f"format ({who})", card.get("format"), TEXT_CARD_FORMAT))
+    return diffs
+
+
+def text_card_pairable(card: dict[str, Any]) -> bool:
+    """A text card of the current format with its per-block values (what a paired comparison needs)."""
+    from aigc_ray.text_quality import TEXT_CARD_FORMAT
+
+    values = (card.get("per_block") or {}).get(TEXT_METRIC)
+    return card.get("format") == TEXT_CARD_FORMAT and isinstance(values, list) and len(values) >= 2
+
+
+def _bpb(card: dict[str, Any]) -> str:
+    m = card.get("metrics") or {}
+    lo, hi = m.get("val_bpb_lo"), m.get("val_bpb_hi")
+    return f"{m.get('val_bpb', math.nan):.4f}" + (f" [{lo:.4f}, {hi:.4f}]" if lo is not None and hi is not None else "")
+
+
+def compare_text_cards(current: dict[str, Any], candidate: dict[str, Any], min_gain: float = 0.05) -> Verdict:
+    """The promotion decision for a text `candidate` card against the served `current` one (same blocks)."""
+    from aigc_ray.text_quality import paired_block_difference
+
+    if not min_gain >= 0:
+        raise PromotionError(f"min_gain: must be >= 0, got {min_gain}")
+    for who, card in (("served", current), ("candidate", candidate)):
+        if card.get("modality") != "text":
+            raise PromotionError(f"modality: the {who} card is not a text model's card")
+    diffs = text_protocol_differences(current, candidate)
+    if diffs:
+        what = "; ".join(f"{f}: served {a!r} vs candidate {b!r}" if not f.startswith("format") else
+                         f"{f}: {a!r}, not {b!r} (no per-block values)" for f, a, b in diffs)
+        raise PromotionError(f"text cards measured on different validation blocks ({what}); re-score with "
+                             "--dataset PREPARED (or --data-root) so both are scored on the served card's blocks")
+    blocks = []
+    for who, card in (("served", current), ("candidate", candidate)):
+        values = (card.get("per_block") or {}).get(TEXT_METRIC)
+        if not isinstance(values, list) or len(values) < 2:
+            raise PromotionError(f"per_block: the {who} card has no per-block {TEXT_METRIC!r} values to pair")
+        blocks.append(values)
+    try:
+        d = paired_block_difference(*blocks)
+    except ValueError as err:
+        raise PromotionError(str(err)) from None
+    cur, cand = float(current["metrics"][TEXT_METRIC]), float(candidate["metrics"][TEXT_METRIC])
+    scale = abs(cur) if abs(cur) > 1e-12 else 1.0
+    gain = -d["mean"] / scale
+    beyond_noise = d["hi"] < 0
+    promote = beyond_noise and gain >= min_gain
+    verdict = (f"meets the required {min_gain:.1%}" if promote else f"below the required {min_gain:.1%}"
+               if beyond_noise else "within noise or worse: that interval is not entirely below 0")
+    reason = (f"val_bpb {_bpb(candidate)} vs served {_bpb(current)} (bits/byte, lower is better): "
+              f"{'better' if gain > 0 else 'not better'} by {gain:+.1%}; candidate - served {d['mean']:+.4f} "
+              f"[{d['lo']:+.4f}, {d['hi']:+.4f}] bits/byte paired over {d['blocks']} validation blocks; {verdict}")
+    return Verdict(promote, TEXT_METRIC, cur, cand, gain, min_gain, reason, (-d["hi"] / scale, -d["lo"] / scale))
+
+
+def text_side_by_side(current: dict[str, Any], candidate: dict[str, Any]) -> str:
+    """Both text cards: bits/byte with intervals, the baselines measured on the served card's blocks."""
+    rows = [("", "served", "candidate"),
+            ("model", str(current.get("model_version", "?")), str(candidate.get("model_version", "?"))),
+            ("val_bpb (lower is better)", _bpb(current), _bpb(candidate))]
+    for name in (current.get("baselines") or {}):  # the floor, on each card's own blocks
+        rows.append((f"{name} baseline", _bpb({"metrics": current["baselines"][name]}),
+                     _bpb({"metrics": (candidate.get("baselines") or {}).get(name) or {}})))
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
+    lines.insert(1, "-" * len(lines[0]))
+    for who, card in (("served", current), ("candidate", candidate)):
+        p = card.get("protocol") or {}
+        lines.append(f"{who}: {p.get('blocks')} validation blocks of {p.get('block_size')} + 1 bytes "
+                     f"[{str(p.get('dataset_hash'))[:12]}], max_blocks {p.get('max_blocks')}")
+    return "\n".join(lines)
+
+
+def text_checkpoint_card(local: str, checkpoint: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(card with its model_version, interface) of a text checkpoint already local."""
+    from aigc_ray.models.checkpoint import read_card
+    from aigc_ray.models.text_checkpoint import read_text_meta, text_model_version
+
+    meta = read_text_meta(local)
+    card = read_card(local)
+    if card is None:
+        raise PromotionError(f"checkpoint: {checkpoint} has no quality card (card.json); a text run writes one "
+                             "with each checkpoint")
+    return {**card, "model_version": text_model_version(local)}, {"modality": "text", "vocab": meta.get("vocab")}
+
+
+def find_prepared_text(content_hash: str, dataset: str | None = None, data_root: str | None = None) -> str:
+    """The prepared text dataset with this content hash: `dataset` if given (and it matches), else the one
+    under data_root/prepared. Never where a checkpoint says it was trained."""
+    from pathlib import Path
+
+    from aigc_ray.data.text import TextDataError, read_text_manifest
+
+    candidates = [Path(dataset)] if dataset else sorted(
+        (Path(data_root or "~/.cache/aigc-ray").expanduser() / "prepared").glob("text-*"))
+    for path in candidates:
+        try:
+            if read_text_manifest(path).get("content_hash") == content_hash:
+                return str(path)
+        except (OSError, ValueError, TextDataError):
+            continue
+    where = f"--dataset {dataset}" if dataset else f"{Path(data_root or '~/.cache/aigc-ray')}/prepared"
+    raise PromotionError(f"dataset: no prepared text dataset with content hash {content_hash[:12]} at {where}; "
+                         "give --dataset PREPARED_DIR")
+
+
+def rescore_text_like(local: str, reference: dict[str, Any], dataset: str | None = None,
+                      data_root: str | None = None) -> dict[str, Any]:
+    """The text checkpoint's card re-measured on `reference`'s validation blocks (not written to it)."""
+    import numpy as np
+
+    from aigc_ray.data.text import load_tokens
+    from aigc_ray.models.text_checkpoint import load_text_model, text_model_version
+    from aigc_ray.text_quality import baselines, model_block_bits, text_card
+
+    p = reference.get("protocol") or {}
+    if not p.get("dataset_hash") or not p.get("block_size"):
+        raise PromotionError("protocol: the served text card names no dataset_hash / block_size to re-score on")
+    prepared = find_prepared_text(p["dataset_hash"], dataset, data_root)
+    model, _ = load_text_model(local)
+    val, train = np.asarray(load_tokens(prepared, "validation")), np.asarray(load_tokens(prepared, "train"))
+    block_size, max_blocks = int(p["block_size"]), int(p.get("max_blocks") or 0)
+    try:
+        per_block = model_block_bits(model, val, block_size, "cpu", max_blocks)
+    except ValueError as err:  # e.g. blocks longer than a learned-position model's block size
+        raise PromotionError(f"protocol: can't score {local} on blocks of {block_size} bytes ({err})") from None
+    card = text_card(per_block, baselines(train, val, block_size, max_blocks), dataset_hash=p["dataset_hash"],
+                     block_size=block_size, max_blocks=max_blocks)
+    return {**card, "model_version": text_model_version(local)}

@@ -8,7 +8,10 @@ bits/byte, with a Student-t 95% interval over blocks (blocks are the independent
 
 Baselines are interpolated Witten-Bell n-grams over the 256 byte values (no tuned constant, nothing fitted
 on validation): order 1 = unigram (add-one), order 2 = bigram, higher orders for the bench.
-No Ray.
+
+The card (``text_card``, format aigc-ray-text-card/1; the one writer of a text card's fields) keeps each
+block's value, so two models scored on the same blocks can be compared pair by pair (aigc_ray/promotion.py).
+No Ray; torch only where a model is scored (imported there, so the card and interval helpers stay light).
 """
 
 from __future__ import annotations
@@ -16,11 +19,11 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 VOCAB = 256
 LN2 = math.log(2)
+TEXT_CARD_FORMAT = "aigc-ray-text-card/1"
+PROTOCOL_FIELDS = ("dataset_hash", "split", "block_size", "max_blocks", "blocks")  # the same blocks = comparable
 
 
 def interval(per_block: np.ndarray) -> dict:
@@ -119,25 +122,56 @@ def baselines(train: np.ndarray, val: np.ndarray, block_size: int, max_blocks: i
     return {name: ngram_bpb(train, val, block_size, n, max_blocks) for name, n in orders.items()}
 
 
-@torch.no_grad()
-def model_block_bits(model: torch.nn.Module, val: np.ndarray, block_size: int, device, max_blocks: int = 0,
+def model_block_bits(model, val: np.ndarray, block_size: int, device, max_blocks: int = 0,
                      batch: int = 64) -> np.ndarray:
     """The model's mean bits per byte on each validation block (n_blocks,), in eval mode."""
+    import torch
+    import torch.nn.functional as F
+
     was_training = model.training
     model.eval()
     starts = block_starts(len(val), block_size, max_blocks)
     tokens = torch.from_numpy(np.asarray(val, dtype=np.int64))
     per_block = []
-    for i in range(0, len(starts), batch):
-        idx = torch.from_numpy(starts[i:i + batch])[:, None] + torch.arange(block_size + 1)[None, :]
-        windows = tokens[idx].to(device)  # (b, block_size + 1)
-        logits, _ = model(windows[:, :-1])  # (b, T, vocab)
-        nats = F.cross_entropy(logits.float().transpose(1, 2), windows[:, 1:], reduction="none")  # (b, T)
-        per_block.append((nats.mean(dim=1) / LN2).cpu().numpy())
+    with torch.no_grad():
+        for i in range(0, len(starts), batch):
+            idx = torch.from_numpy(starts[i:i + batch])[:, None] + torch.arange(block_size + 1)[None, :]
+            windows = tokens[idx].to(device)  # (b, block_size + 1)
+            logits, _ = model(windows[:, :-1])  # (b, T, vocab)
+            nats = F.cross_entropy(logits.float().transpose(1, 2), windows[:, 1:], reduction="none")  # (b, T)
+            per_block.append((nats.mean(dim=1) / LN2).cpu().numpy())
     model.train(was_training)
     return np.concatenate(per_block) if per_block else np.zeros(0)
 
 
-def model_bpb(model: torch.nn.Module, val: np.ndarray, block_size: int, device, max_blocks: int = 0) -> dict:
+def model_bpb(model, val: np.ndarray, block_size: int, device, max_blocks: int = 0) -> dict:
     """The model's bits per byte on the validation blocks, with its interval."""
     return interval(model_block_bits(model, val, block_size, device, max_blocks))
+
+
+def text_card(per_block: np.ndarray, floor: dict, *, dataset_hash: str, block_size: int, max_blocks: int,
+              sample: dict | None = None) -> dict:
+    """A text model's quality card: validation bits/byte (mean and 95% interval over blocks) and every block's
+    value, the n-gram baselines on the same blocks, the protocol that names those blocks, and a sample."""
+    score = interval(np.asarray(per_block, dtype=np.float64))
+    card = {"format": TEXT_CARD_FORMAT, "modality": "text", "metric": "val_bpb", "lower_is_better": ["val_bpb"],
+            "metrics": {"val_bpb": score["mean"], "val_bpb_lo": score["lo"], "val_bpb_hi": score["hi"]},
+            "per_block": {"val_bpb": [float(v) for v in per_block]},
+            "baselines": {name: {"val_bpb": b["mean"], "val_bpb_lo": b["lo"], "val_bpb_hi": b["hi"]}
+                          for name, b in floor.items()},
+            # dataset_hash + block_size + max_blocks fix the blocks (block_starts); blocks counts them
+            "protocol": {"dataset_hash": dataset_hash, "split": "validation", "blocks": score["blocks"],
+                         "block_size": block_size, "max_blocks": max_blocks, "unit": "bits per byte (UTF-8)",
+                         "interval": "95% Student-t over validation blocks"}}
+    if sample is not None:
+        card["sample"] = sample
+    return card
+
+
+def paired_block_difference(served: list[float], candidate: list[float]) -> dict:
+    """Candidate minus served, block by block (the same blocks), as interval(): negative = the candidate is
+    better. Pairing cancels what a block's difficulty adds to both, so the interval is much narrower than
+    either model's own."""
+    if len(served) != len(candidate):
+        raise ValueError(f"per_block: {len(served)} served blocks vs {len(candidate)} candidate blocks")
+    return interval(np.asarray(candidate, dtype=np.float64) - np.asarray(served, dtype=np.float64))

@@ -234,3 +234,132 @@ def test_cli_promote_finish_and_rollback_take_no_candidate(tmp_path, capsys):
     assert "--finish / --rollback" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # argparse: one of --checkpoint, --sweep, --finish, --rollback
         cli_main(["promote", "--model", "digits", "--finish", "--rollback"])
+
+
+# ---- text models: validation bits/byte paired over the same validation blocks ---------------------------
+
+BLOCKS = [1.2, 2.9, 2.1, 1.6, 3.4, 2.4, 1.9, 2.7, 1.4, 3.0, 2.2, 2.6]  # blocks differ far more than models do
+
+
+def tcard(values, block_size: int = 16, max_blocks: int = 0, dataset_hash: str = HASH) -> dict:
+    """A text card as the text training loop writes it (aigc_ray.text_quality.text_card)."""
+    import numpy as np
+
+    from aigc_ray.text_quality import text_card
+
+    floor = {"unigram": {"mean": 5.0, "lo": 4.9, "hi": 5.1}, "bigram": {"mean": 3.5, "lo": 3.4, "hi": 3.6}}
+    return text_card(np.asarray(values, float), floor, dataset_hash=dataset_hash, block_size=block_size,
+                     max_blocks=max_blocks)
+
+
+def test_text_gate_pairs_the_blocks_and_needs_an_interval_below_zero_and_the_gain():
+    from aigc_ray.promotion import compare_text_cards
+
+    served = tcard(BLOCKS)
+    wiggle = [0.02, -0.01, 0.0, 0.01, -0.02, 0.01, 0.0, -0.01, 0.02, -0.02, 0.0, 0.01]
+    better = tcard([b - 0.25 + w for b, w in zip(BLOCKS, wiggle)])  # ~11% better on every block
+    v = compare_text_cards(served, better, min_gain=0.05)
+    assert v.promote and v.metric == "val_bpb" and v.gain == pytest.approx((0.25 - sum(wiggle) / 12) / (sum(BLOCKS) / 12))
+    # unpaired, the two intervals overlap (blocks vary by +-1 bit); paired, the difference is far from 0
+    assert better["metrics"]["val_bpb_hi"] > served["metrics"]["val_bpb_lo"]
+    assert "paired over 12 validation blocks" in v.reason and "meets the required 5.0%" in v.reason
+    v = compare_text_cards(served, tcard([b - 0.05 + w for b, w in zip(BLOCKS, wiggle)]))  # 2% better: too little
+    assert not v.promote and "below the required 5.0%" in v.reason
+    # 8% better on average, but half the blocks got worse: the interval reaches above 0
+    mixed = tcard([b + (0.5 if i % 2 else -0.87) for i, b in enumerate(BLOCKS)])
+    v = compare_text_cards(served, mixed, min_gain=0.0)
+    assert not v.promote and v.gain > 0.05 and "within noise or worse" in v.reason
+    s, m = served["metrics"], mixed["metrics"]  # both models' bits/byte with their intervals
+    assert f"{s['val_bpb']:.4f} [{s['val_bpb_lo']:.4f}, {s['val_bpb_hi']:.4f}]" in v.reason
+    assert f"{m['val_bpb']:.4f} [{m['val_bpb_lo']:.4f}, {m['val_bpb_hi']:.4f}]" in v.reason
+    assert not compare_text_cards(served, tcard([b + 0.3 for b in BLOCKS])).promote  # worse
+
+
+def test_text_cards_on_other_blocks_or_without_them_are_not_compared():
+    from aigc_ray.promotion import compare_text_cards
+
+    served = tcard(BLOCKS)
+    with pytest.raises(PromotionError, match="block_size: served 16 vs candidate 32"):
+        compare_text_cards(served, tcard(BLOCKS, block_size=32))
+    with pytest.raises(PromotionError, match="dataset_hash"):
+        compare_text_cards(served, tcard(BLOCKS, dataset_hash="f" * 64))
+    old = {k: v for k, v in tcard(BLOCKS).items() if k not in ("per_block", "format")}  # a card from before
+    with pytest.raises(PromotionError, match="no per-block values"):
+        compare_text_cards(old, served)
+    with pytest.raises(PromotionError, match="modality: the candidate card is not a text model's card"):
+        compare_text_cards(served, card(10.0))
+
+
+def _text_ckpt(tmp_path, name: str, values, seed: int = 0, **protocol) -> str:
+    from test_text_export import text_checkpoint
+
+    return str(text_checkpoint(tmp_path / name, card=tcard(values, **protocol), seed=seed))
+
+
+def test_cli_promote_text_checkpoints(tmp_path, capsys):
+    served = _text_ckpt(tmp_path, "served", BLOCKS)
+    better = _text_ckpt(tmp_path, "better", [b * 0.8 for b in BLOCKS], seed=1)
+    worse = _text_ckpt(tmp_path, "worse", [b + 0.01 * (i % 3) for i, b in enumerate(BLOCKS)], seed=2)
+    assert cli_main(["promote", "--model", "text", "--checkpoint", better, "--served", served, "--gate-only"]) == 0
+    out = capsys.readouterr().out
+    assert "PROMOTE" in out and "better by +20.0%" in out and "gpt-s3-" in out and "bigram baseline" in out
+    assert cli_main(["promote", "--model", "text", "--checkpoint", worse, "--served", served]) == 1
+    out = capsys.readouterr().out
+    assert "REFUSED" in out and "val_bpb" in out and "nothing changed" in out
+    assert cli_main(["promote", "--model", "text", "--checkpoint", better, "--served", served,
+                     "--min-gain", "0.3"]) == 1
+    assert "below the required 30.0%" in capsys.readouterr().out
+
+
+def test_cli_promote_text_bad_input(tmp_path, capsys):
+    served = _text_ckpt(tmp_path, "served", BLOCKS)
+    better = _text_ckpt(tmp_path, "better", [b * 0.8 for b in BLOCKS], seed=1)
+    image, _ = _checkpoint(tmp_path, "image", 10.0)
+
+    def fails(*argv: str) -> str:
+        assert cli_main(["promote", "--model", "m", *argv]) == 2
+        return capsys.readouterr().err
+
+    err = fails("--checkpoint", better, "--served", image)
+    assert "modality: candidate" in err and "is a text model" in err and "serves an image model" in err
+    err = fails("--checkpoint", image, "--served", served)
+    assert "is an image model" in err and "serves a text model" in err
+    assert "metric: a text model is judged on val_bpb" in fails("--checkpoint", better, "--served", served,
+                                                               "--metric", "fid")
+    assert "canary:" in fails("--checkpoint", better, "--served", served, "--canary", "10")
+    other = _text_ckpt(tmp_path, "other", BLOCKS, block_size=32)
+    err = fails("--checkpoint", other, "--served", served, "--no-rescore")
+    assert "block_size: served 16 vs candidate 32" in err
+    err = fails("--checkpoint", other, "--served", served, "--data-root", str(tmp_path / "nodata"))
+    assert "re-scoring" in err and "dataset: no prepared text dataset with content hash" in err
+
+
+def test_cli_promote_rescores_a_text_candidate_on_the_served_blocks(tmp_path, capsys):
+    """Real prepared text: the served card is scored on all validation blocks, the candidate's on a capped
+    subset (another protocol); promote re-scores the candidate on the served card's blocks, then pairs them."""
+    import numpy as np
+    from test_text_export import text_checkpoint
+
+    from aigc_ray.data.text import load_tokens, prepare_text
+    from aigc_ray.models.text_checkpoint import load_text_model
+    from aigc_ray.text_quality import model_block_bits
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(40):
+        (corpus / f"f{i}.py").write_text(f"def f{i}(x):\n    return x * {i} + {i % 7}\n" * 60)
+    prepared = tmp_path / "prepared"
+    manifest = prepare_text(f"text:{corpus}", prepared)
+    val = np.asarray(load_tokens(prepared, "validation"))
+    served_ckpt = text_checkpoint(tmp_path / "served", seed=0)
+    per_block = model_block_bits(load_text_model(served_ckpt)[0], val, 16, "cpu")
+    served = tcard(per_block + 1.0, dataset_hash=manifest["content_hash"])  # a served model 1 bit/byte worse
+    (served_ckpt / "card.json").write_text(json.dumps(served))
+    candidate = text_checkpoint(tmp_path / "candidate", seed=0,
+                                card=tcard([1.0, 1.1], max_blocks=2, dataset_hash=manifest["content_hash"]))
+    code = cli_main(["promote", "--model", "text", "--checkpoint", str(candidate), "--served", str(served_ckpt),
+                     "--dataset", str(prepared), "--gate-only"])
+    captured = capsys.readouterr()
+    assert "re-scoring" in captured.err and "max_blocks: served 0 vs candidate 2" in captured.err
+    assert code == 0 and "PROMOTE" in captured.out and f"paired over {len(per_block)} validation blocks" in captured.out
+    assert json.loads((candidate / "card.json").read_text())["protocol"]["max_blocks"] == 2  # not written over

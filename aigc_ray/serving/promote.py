@@ -24,7 +24,8 @@ class PromoteRequest:
     """Read the served card from a running server's GET /v1/models (else from the app through Ray)."""
     served: str | None = None
     """Read the served card from this checkpoint instead."""
-    metric: str = "fid"
+    metric: str | None = None
+    """Card metric to judge on; None: fid for an image model, val_bpb (the only one) for a text model."""
     min_gain: float = 0.05
     no_rescore: bool = False
     dataset: str | None = None
@@ -77,7 +78,7 @@ def _served_from_app(req: PromoteRequest) -> tuple[dict, dict]:
                                 f"({type(err).__name__}: {str(err)[:200]})") from None
     if not info.get("card"):
         raise pr.PromotionError(f"model: {req.model} ({info.get('version')}) serves without a quality card")
-    return info["card"], {f: info.get(f) for f in pr.INTERFACE_FIELDS}
+    return {"model_version": info.get("version"), **info["card"]}, pr.interface_of(info)  # (a text card has none)
 
 
 def gate(req: PromoteRequest) -> bool:
@@ -89,6 +90,9 @@ def gate(req: PromoteRequest) -> bool:
         current, served_interface = pr.served_card(req.url, req.model)
     else:
         current, served_interface = _served_from_app(req)
+    pr.check_same_modality(served_interface, interface, req.candidate, req.model)
+    if interface.get("modality") == "text":
+        return text_gate(req, current, card, served_interface, interface)
     changed = pr.interface_differences(served_interface, interface)
     if changed:
         raise pr.PromotionError(f"candidate {req.candidate} can't replace {req.model}: its clients would see "
@@ -100,8 +104,53 @@ def gate(req: PromoteRequest) -> bool:
             raise
         print(f"re-scoring {req.candidate} on the served card's protocol ({err})", file=sys.stderr)
         card = pr.rescore_like(req.candidate, current, dataset=req.dataset, data_root=req.data_root)
-    verdict = pr.compare_cards(current, card, req.metric, req.min_gain)
+    verdict = pr.compare_cards(current, card, req.metric or "fid", req.min_gain)
     print(pr.side_by_side(current, card))
+    print(f"\n{'PROMOTE' if verdict.promote else 'REFUSED'} {req.candidate} for {req.model}: {verdict.reason}",
+          flush=True)
+    return verdict.promote
+
+
+def text_gate(req: PromoteRequest, current: dict, card: dict, served_interface: dict, interface: dict) -> bool:
+    """The gate for a text model: validation bits/byte paired over the served card's validation blocks
+    (aigc_ray/promotion.py's compare_text_cards); a card on other blocks, or without per-block values, is
+    re-scored on the served card's blocks from the prepared dataset (--dataset / --data-root)."""
+    from aigc_ray import storage
+
+    if req.metric not in (None, pr.TEXT_METRIC):
+        raise pr.PromotionError(f"metric: a text model is judged on {pr.TEXT_METRIC} (validation bits/byte), "
+                                f"not {req.metric!r}; leave --metric out")
+    if req.canary is not None:  # /v1/complete goes straight to the named model, not through the canary router
+        raise pr.PromotionError("canary: text completions are not routed to canaries; promote a text model in "
+                                "place (leave out --canary)")
+    changed = [(f, a, b) for f, a, b in ((f, served_interface.get(f), interface.get(f)) for f in
+                                         pr.TEXT_INTERFACE_FIELDS) if a != b]
+    if changed:
+        raise pr.PromotionError(f"candidate {req.candidate} can't replace {req.model}: its clients would see "
+                                + "; ".join(f"{f} {a} -> {b}" for f, a, b in changed))
+    if not pr.text_card_pairable(current):  # no blocks to pair with: only the served checkpoint can be re-scored
+        if not req.served or req.no_rescore:
+            raise pr.PromotionError(f"per_block: the served card of {req.model} has no per-block val_bpb values "
+                                    "(an older text card); pass --served CHECKPOINT (and --dataset PREPARED) to "
+                                    "re-score both on the same validation blocks")
+        print(f"re-scoring the served {req.served} on its own validation blocks (its card has no per-block "
+              "values)", file=sys.stderr)
+        with storage.localized(req.served) as local:
+            current = pr.rescore_text_like(local, current, req.dataset, req.data_root)
+    diffs = pr.text_protocol_differences(current, card)
+    if diffs:
+        if req.no_rescore:
+            return _print_text_verdict(req, current, card)  # raises, naming each difference
+        print(f"re-scoring {req.candidate} on the served card's validation blocks ("
+              + "; ".join(f"{f}: served {a!r} vs candidate {b!r}" for f, a, b in diffs) + ")", file=sys.stderr)
+        with storage.localized(req.candidate) as local:
+            card = pr.rescore_text_like(local, current, req.dataset, req.data_root)
+    return _print_text_verdict(req, current, card)
+
+
+def _print_text_verdict(req: PromoteRequest, current: dict, card: dict) -> bool:
+    verdict = pr.compare_text_cards(current, card, req.min_gain)
+    print(pr.text_side_by_side(current, card))
     print(f"\n{'PROMOTE' if verdict.promote else 'REFUSED'} {req.candidate} for {req.model}: {verdict.reason}",
           flush=True)
     return verdict.promote
@@ -110,6 +159,7 @@ def gate(req: PromoteRequest) -> bool:
 def promote(req: PromoteRequest) -> int:
     from aigc_ray import storage
     from aigc_ray.models.checkpoint import model_version
+    from aigc_ray.models.text_checkpoint import is_text_checkpoint, text_model_version
     from aigc_ray.serving import rollout
 
     if req.candidate and not storage.is_uri(req.candidate):  # replicas resolve paths from their own directory
@@ -129,7 +179,7 @@ def promote(req: PromoteRequest) -> int:
                   + ("" if req.finish or not record.get("reason") else f" (was: {record['reason']})"), flush=True)
         else:
             with storage.localized(req.candidate) as local:
-                version = model_version(local)
+                version = text_model_version(local) if is_text_checkpoint(local) else model_version(local)
             if req.canary is not None:
                 rollout.start_canary(deployed, req.model, req.candidate, version, req.canary, req.max_error_rate,
                                      req.min_requests, req.canary_timeout_s)

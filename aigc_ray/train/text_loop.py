@@ -37,7 +37,7 @@ from aigc_ray.models.text_checkpoint import TRAIN_STATE, save_text_checkpoint
 from aigc_ray.models.text_registry import build_text_model
 from aigc_ray.text_config import TextExperimentConfig
 from aigc_ray.text_pipeline import SamplingSettings, TextPipeline
-from aigc_ray.text_quality import baselines, model_bpb
+from aigc_ray.text_quality import baselines, model_block_bits, text_card
 
 
 def lr_at(step: int, total: int, t, trained_s: float = 0.0) -> float:
@@ -71,21 +71,15 @@ def _autocast(device: torch.device, precision: str):
 def quality_card(model, cfg: TextExperimentConfig, val: np.ndarray, device, floor: dict, manifest: dict) -> dict:
     """Validation bits/byte with its interval, the baselines beside it, and a sample."""
     m = cfg.model
-    score = model_bpb(model, val, m.block_size, device, cfg.eval.max_blocks)
+    per_block = model_block_bits(model, val, m.block_size, device, cfg.eval.max_blocks)
     e = cfg.eval
     settings = SamplingSettings(max_new_tokens=e.sample_tokens, temperature=0.8, top_k=0, seed=e.seed)
     pipe = TextPipeline(model, {"model": cfg.to_dict()["model"], "vocab": {"kind": m.vocab, "size": 256}}, "", device)
     text = pipe.complete(e.sample_prompt, settings)
     model.train()
-    return {"modality": "text", "metric": "val_bpb",
-            "metrics": {"val_bpb": score["mean"], "val_bpb_lo": score["lo"], "val_bpb_hi": score["hi"]},
-            "baselines": {name: {"val_bpb": b["mean"], "val_bpb_lo": b["lo"], "val_bpb_hi": b["hi"]}
-                          for name, b in floor.items()},
-            "protocol": {"dataset_hash": manifest["content_hash"], "split": "validation", "blocks": score["blocks"],
-                         "block_size": m.block_size, "unit": "bits per byte (UTF-8)",
-                         "interval": "95% Student-t over validation blocks"},
-            "sample": {"prompt": e.sample_prompt, "text": text, "seed": e.seed, "temperature": 0.8,
-                       "max_new_tokens": e.sample_tokens}}
+    return text_card(per_block, floor, dataset_hash=manifest["content_hash"], block_size=m.block_size,
+                     max_blocks=e.max_blocks, sample={"prompt": e.sample_prompt, "text": text, "seed": e.seed,
+                                                      "temperature": 0.8, "max_new_tokens": e.sample_tokens})
 
 
 def text_train_loop_per_worker(loop_config: dict) -> None:
