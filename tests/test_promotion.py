@@ -332,6 +332,12 @@ def test_cli_promote_text_bad_input(tmp_path, capsys):
     assert "block_size: served 16 vs candidate 32" in err
     err = fails("--checkpoint", other, "--served", served, "--data-root", str(tmp_path / "nodata"))
     assert "re-scoring" in err and "dataset: no prepared text dataset with content hash" in err
+    from pathlib import Path
+
+    old = Path(served) / "card.json"  # a served card from before per-block values
+    old.write_text(json.dumps({k: v for k, v in json.loads(old.read_text()).items() if k not in ("per_block", "format")}))
+    assert "per_block: the served card of m has no per-block" in fails("--checkpoint", better, "--served", served,
+                                                                      "--no-rescore")
 
 
 def test_cli_promote_rescores_a_text_candidate_on_the_served_blocks(tmp_path, capsys):
