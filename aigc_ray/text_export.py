@@ -10,7 +10,8 @@ text checkpoints over). The step graph is what a decoder calls once per new posi
     rnn-lm  tokens int64 (B, T), hidden float32 (depth, B, W) [, cell for an lstm]
             -> logits float32 (B, T, 256), hidden_out [, cell_out]
 
-B, T and P are dynamic axes. The vocabulary and the model config travel in the ONNX metadata_props (JSON
+B, T and P are dynamic axes; a gpt's position + T must stay within its block size (max_context in the
+metadata: the position tables end there, as in the model), which the runner keeps by rebuilding its cache. The vocabulary and the model config travel in the ONNX metadata_props (JSON
 strings), beside the model version, the quality card, the state's input/output names and the decoding rules
 the runner must follow to give the server's tokens (the context limit and how the cache is rebuilt at it,
 the empty prompt's stand-in).
