@@ -49,7 +49,16 @@ from aigc_ray.serving.options import (
     deployed_openapi,
 )
 from aigc_ray.serving.playground import add_routes as add_playground_routes
-from aigc_ray.serving.text import CompleteBody, CompleteOut, close_stream, settings_of, sse, text_openapi
+from aigc_ray.serving.text import (
+    CompleteBody,
+    CompleteOut,
+    close_stream,
+    limit_error,
+    settings_of,
+    sse,
+    stream_items,
+    text_openapi,
+)
 
 GRPC_SERVICERS = ["aigc_ray.serving.proto.aigc_pb2_grpc.add_GeneratorServicer_to_server",
                   "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server"]
@@ -311,10 +320,9 @@ class Ingress(GrpcMethods):
         """Check the request against the deployment's limits, start the model's token stream and wait for its
         header (errors then are still a plain 4xx/503): (header, the rest of the stream)."""
         name, handle = await self._handle(body.model, "complete")
-        if len(body.prompt) > self.options.max_prompt_chars:
-            raise BadRequest(f"prompt: {len(body.prompt)} characters, over the limit of {self.options.max_prompt_chars}")
-        if body.max_new_tokens > self.options.max_new_tokens:
-            raise BadRequest(f"max_new_tokens: {body.max_new_tokens} exceeds the limit of {self.options.max_new_tokens}")
+        error = limit_error(body, self.options.max_prompt_chars, self.options.max_new_tokens)
+        if error:
+            raise BadRequest(error)
         settings = settings_of(body)
         if isinstance(handle, LocalModel):
             stream = handle.stream("complete_stream", body.prompt, settings)
@@ -343,11 +351,7 @@ class Ingress(GrpcMethods):
         header, stream = await self._complete_start(body)
         pieces, last = [], header
         try:
-            while True:
-                try:
-                    item = await self._next_item(stream)
-                except StopAsyncIteration:
-                    break
+            async for item in stream_items(self._next_item, stream):
                 if "text" in item:
                     pieces.append(item["text"])
                 else:
@@ -448,11 +452,7 @@ class Ingress(GrpcMethods):
         async def events():
             try:
                 yield sse(header, "start")
-                while True:
-                    try:
-                        item = await self._next_item(stream)
-                    except StopAsyncIteration:
-                        break
+                async for item in stream_items(self._next_item, stream):
                     yield sse(item) if "text" in item else sse(item, "done")
             except Exception as err:  # mid-stream: the status is sent; say it in the stream, never a traceback
                 message = str(err) if isinstance(err, (BadRequest, Overloaded, Unavailable)) else (

@@ -114,7 +114,7 @@ class GrpcMethods:
         import grpc
 
         from aigc_ray.serving.proto import aigc_pb2
-        from aigc_ray.serving.text import AI_TEXT_LABEL, CompleteBody, close_stream
+        from aigc_ray.serving.text import AI_TEXT_LABEL, close_stream, complete_body_of_grpc, stream_items
 
         # Serve's gRPC proxy takes a streaming method's status from the context sent with a message, so a refusal
         # is one empty chunk carrying the status (the client's iterator then raises it)
@@ -123,12 +123,7 @@ class GrpcMethods:
             return
         code, details = None, ""
         try:
-            body = CompleteBody(model=request.model or None, prompt=request.prompt,
-                                max_new_tokens=request.max_new_tokens or 128,
-                                temperature=request.temperature if request.HasField("temperature") else 0.8,
-                                top_k=request.top_k, top_p=request.top_p if request.HasField("top_p") else 1.0,
-                                seed=request.seed if request.HasField("seed") else None, stop=list(request.stop))
-            header, stream = await self._complete_start(body)
+            header, stream = await self._complete_start(complete_body_of_grpc(request))  # the HTTP body's checks
         except (BadRequest, ValidationError) as err:
             code = grpc.StatusCode.INVALID_ARGUMENT
             details = field_errors(err.errors()) if isinstance(err, ValidationError) else str(err)
@@ -145,11 +140,7 @@ class GrpcMethods:
         try:
             yield aigc_pb2.CompleteChunk(model=header["model"], model_version=header["model_version"],
                                          seed=header["seed"], ai_generated=AI_TEXT_LABEL)
-            while True:
-                try:
-                    item = await self._next_item(stream)
-                except StopAsyncIteration:
-                    break
+            async for item in stream_items(self._next_item, stream):
                 if "text" in item:
                     yield aigc_pb2.CompleteChunk(text=item["text"])
                 else:

@@ -55,6 +55,38 @@ class CompleteOut(BaseModel):
     ai_generated: str = AI_TEXT_LABEL
 
 
+def complete_body_of_grpc(request) -> CompleteBody:
+    """aigc.v1.CompleteRequest -> the HTTP body, so both sides share one validation and one set of defaults:
+    a field the message leaves unset (proto3: 0 for max_new_tokens, absent for the optional ones) is left
+    to CompleteBody's default. Raises pydantic's ValidationError, as the HTTP body does."""
+    fields = {"model": request.model or None, "prompt": request.prompt, "top_k": request.top_k,
+              "stop": list(request.stop)}
+    if request.max_new_tokens:
+        fields["max_new_tokens"] = request.max_new_tokens
+    fields |= {f: getattr(request, f) for f in ("temperature", "top_p", "seed") if request.HasField(f)}
+    return CompleteBody(**fields)
+
+
+def limit_error(body: CompleteBody, max_prompt_chars: int, max_new_tokens: int) -> str | None:
+    """The deployment's limits (ServeOptions) on a request, HTTP or gRPC: the message naming the field, or None."""
+    if len(body.prompt) > max_prompt_chars:
+        return f"prompt: {len(body.prompt)} characters, over the limit of {max_prompt_chars}"
+    if body.max_new_tokens > max_new_tokens:
+        return f"max_new_tokens: {body.max_new_tokens} exceeds the limit of {max_new_tokens}"
+    return None
+
+
+async def stream_items(next_item, stream):
+    """The items of a model's token stream, each awaited through ``next_item`` (the ingress's bounded wait);
+    the caller closes the stream (close_stream) when it is done or cancelled."""
+    while True:
+        try:
+            item = await next_item(stream)
+        except StopAsyncIteration:
+            return
+        yield item
+
+
 def settings_of(body: CompleteBody) -> dict:
     """The sampling settings a model replica is sent (a plain dict: it crosses a Ray call)."""
     return {"max_new_tokens": body.max_new_tokens, "temperature": body.temperature, "top_k": body.top_k,
