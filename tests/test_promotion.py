@@ -369,3 +369,36 @@ def test_cli_promote_rescores_a_text_candidate_on_the_served_blocks(tmp_path, ca
     assert "re-scoring" in captured.err and "max_blocks: served 0 vs candidate 2" in captured.err
     assert code == 0 and "PROMOTE" in captured.out and f"paired over {len(per_block)} validation blocks" in captured.out
     assert json.loads((candidate / "card.json").read_text())["protocol"]["max_blocks"] == 2  # not written over
+
+
+def test_cli_promote_reads_a_served_text_card_over_http(tmp_path, capsys):
+    """GET /v1/models lists a text model (modality, vocab, its card without a version): the gate pairs it."""
+    served_card = tcard(BLOCKS)
+    models = {"default": "text", "models": [{"name": "text", "version": "gpt-s1-live", "modality": "text",
+                                             "vocab": {"kind": "bytes", "size": 256}, "card": served_card}]}
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            body = json.dumps(models).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        better = _text_ckpt(tmp_path, "better", [b * 0.8 for b in BLOCKS], seed=1)
+        assert cli_main(["promote", "--model", "text", "--checkpoint", better, "--url", url, "--gate-only"]) == 0
+        out = capsys.readouterr().out
+        assert "gpt-s1-live" in out and "PROMOTE" in out
+        image, _ = _checkpoint(tmp_path, "image", 10.0)
+        assert cli_main(["promote", "--model", "text", "--checkpoint", image, "--url", url]) == 2
+        assert "serves a text model" in capsys.readouterr().err
+    finally:
+        server.shutdown()
+        server.server_close()
