@@ -2,6 +2,13 @@
 
 Ray start-up costs seconds on 2 cores, so every test that needs Ray takes ``ray_session``
 and shares it. Training fixtures use tiny configs and a few steps.
+
+The suite runs in two processes (pytest-xdist, ``-n 2 --dist loadgroup`` in pyproject.toml): every
+test that starts or uses Ray is in one xdist group, so all of them run in one process, one after
+another, on the one session Ray (two Ray instances on one machine stall Train's placement-group
+cleaner and the sweeps); the other process runs the tests that need no Ray beside them. A test
+uses Ray when ``ray_session`` is among its fixtures (directly or through another fixture) or it is
+marked ``@pytest.mark.ray`` (one that starts Ray in a subprocess: ``aigc-ray train``, a cluster).
 """
 
 from __future__ import annotations
@@ -69,10 +76,23 @@ def trained_vae_checkpoint(ray_session, tmp_path_factory, data_root):
     return run_training(cfg).checkpoint
 
 
+def uses_ray(item) -> bool:
+    return "ray_session" in getattr(item, "fixturenames", ()) or item.get_closest_marker("ray") is not None
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m selects: `pytest -m "not ray"` runs what needs no Ray
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if uses_ray(item):
+            item.add_marker(pytest.mark.ray)
+            item.add_marker(pytest.mark.xdist_group("ray"))
+
+
 # --- where the suite's time goes: how busy the machine's CPUs were during each slow test ---------
 # (A test that is slow with its CPUs idle waits on something, a poll or a timeout; one that is
 # slow and busy computes. CI prints both for the 15 slowest tests.)
 _CPU_USE: list[tuple[float, float, str]] = []
+_BEGAN: dict[str, tuple[float | None, float]] = {}
 
 
 def _busy_cpu_seconds() -> float | None:
@@ -87,12 +107,26 @@ def _busy_cpu_seconds() -> float | None:
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_protocol(item, nextitem):
-    busy, began = _busy_cpu_seconds(), time.monotonic()
+    _BEGAN[item.nodeid] = (_busy_cpu_seconds(), time.monotonic())
     yield
-    after = _busy_cpu_seconds()
-    if busy is not None and after is not None:
-        wall = time.monotonic() - began
-        _CPU_USE.append((wall, min(1.0, (after - busy) / max(wall * (os.cpu_count() or 1), 1e-9)), item.nodeid))
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if report.when == "teardown" and item.nodeid in _BEGAN:  # carried in the report: an xdist worker's reach the summary
+        busy, began = _BEGAN.pop(item.nodeid)
+        after, wall = _busy_cpu_seconds(), time.monotonic() - began
+        if busy is not None and after is not None:
+            share = min(1.0, (after - busy) / max(wall * (os.cpu_count() or 1), 1e-9))
+            report.user_properties.append(("cpu_use", (wall, share)))
+
+
+def pytest_runtest_logreport(report):
+    for name, value in report.user_properties:
+        if name == "cpu_use" and report.when == "teardown":
+            _CPU_USE.append((value[0], value[1], report.nodeid))
 
 
 def pytest_terminal_summary(terminalreporter):
@@ -100,7 +134,7 @@ def pytest_terminal_summary(terminalreporter):
         return
     wall = sum(w for w, _, _ in _CPU_USE)
     busy = sum(w * share for w, share, _ in _CPU_USE) / max(wall, 1e-9)
-    terminalreporter.section(f"CPU use (all {os.cpu_count()} cores, machine-wide): {busy:.0%} busy over "
-                             f"{wall:.0f} s of tests; the 15 slowest")
+    terminalreporter.section(f"CPU use (all {os.cpu_count()} cores, machine-wide, both test processes): {busy:.0%} "
+                             f"busy over {wall:.0f} s of tests; the 15 slowest")
     for seconds, share, nodeid in sorted(_CPU_USE, reverse=True)[:15]:
         terminalreporter.write_line(f"{seconds:7.1f}s {share:5.0%} busy  {nodeid}")

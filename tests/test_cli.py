@@ -64,6 +64,7 @@ def test_generate_rejects_a_non_checkpoint(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.ray  # `aigc-ray train` starts its own Ray
 def test_train_end_to_end_prints_the_checkpoint_last(tmp_path):
     proc = aigc("train", "--image-size", "8", "--set", "model.width=8", "--set", "model.latent_dim=8",
                 "--max-steps", "5", "--epochs", "1", "--out", str(tmp_path / "runs"),
@@ -131,6 +132,7 @@ def _ray_lines(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if "Started a local Ray instance" in line or "Token authentication" in line]
 
 
+@pytest.mark.ray  # starts a local Ray in a subprocess
 def test_a_local_ray_declares_the_machines_cores_and_speaks_with_verbose():
     """The local Ray `aigc-ray train` and `tune` start (init_ray): as many CPUs as the machine has; with -v,
     Ray's own lines (which test_train_end_to_end_prints_the_checkpoint_last finds absent by default)."""

@@ -24,6 +24,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from local_cluster import LocalCluster, free_ports  # noqa: E402
 
+pytestmark = pytest.mark.ray  # its own Ray cluster (`ray start`), never beside another test's Ray
+
 SECTION = (ROOT / "README.md").read_text().split("## On a cluster", 1)[1].split("\n## ", 1)[0]
 # what makes the README's full-size run a test-sized one: appended flags override earlier ones
 TINY = ("--image-size 8 --epochs 1 --set model.width=8 --set model.latent_dim=8 --set train.batch_size=64 "

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.ray  # its own Ray cluster (`ray start`), never beside another test's Ray
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
