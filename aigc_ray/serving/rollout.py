@@ -207,6 +207,7 @@ def _or_restore(deployed: Deployed, before: dict, after: dict, deployment: str, 
 def start_canary(deployed: Deployed, name: str, uri: str, version: str, percent: float,
                  max_error_rate: float, min_requests: int, timeout_s: float = 10.0) -> dict:
     """Serve `uri` beside model `name` in its own deployment, then send it `percent` of the requests."""
+    max_error_rate, min_requests = canary.check_thresholds(max_error_rate, min_requests)  # before anything changes
     if name in (deployed.args.get("canaries") or {}) or canary.read(deployed.app, name):
         raise RolloutError(f"model: a canary of {name} exists already; end it first (promote --finish or --rollback)")
     with_checkpoint(deployed.args, name, uri)  # checks the name
