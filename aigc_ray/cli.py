@@ -368,7 +368,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--canary", type=float, metavar="PERCENT", help="serve the candidate beside the current version "
                                                                   "with PERCENT of the requests (0-100)")
     p.add_argument("--max-error-rate", type=float, default=0.05,
-                   help="canary: roll back by itself when the candidate fails more than this share (default 0.05)")
+                   help="canary: roll back by itself when the candidate's error rate is confidently (95%% Wilson lower bound) "
+                        "above this share and above the current version's (default 0.05; 0 <= R < 1)")
     p.add_argument("--min-requests", type=int, default=20,
                    help="canary: requests the candidate answers before its error rate counts (default 20)")
     p.add_argument("--canary-timeout", type=float, default=10.0, metavar="S",

@@ -54,8 +54,8 @@ class PromoteRequest:
             raise ValueError("--checkpoint or --sweep: give the candidate")
         if self.canary is not None and not 0 < self.canary < 100:
             raise ValueError(f"--canary: a percent of the requests, 0 < PERCENT < 100, got {self.canary:g}")
-        if not 0 <= self.max_error_rate <= 1:
-            raise ValueError(f"--max-error-rate: between 0 and 1, got {self.max_error_rate:g}")
+        if not 0 <= self.max_error_rate < 1:  # at 1 no 95% lower bound could pass it: nothing would roll back
+            raise ValueError(f"--max-error-rate: a share of the requests, 0 <= R < 1, got {self.max_error_rate:g}")
         if not self.canary_timeout_s > 0:
             raise ValueError(f"--canary-timeout: seconds > 0, got {self.canary_timeout_s:g}")
         if self.min_requests < 1:
@@ -184,8 +184,9 @@ def promote(req: PromoteRequest) -> int:
                 rollout.start_canary(deployed, req.model, req.candidate, version, req.canary, req.max_error_rate,
                                      req.min_requests, req.canary_timeout_s)
                 print(f"canary: {version} serves {req.canary:g}% of {req.model}'s requests beside the current "
-                      f"version (automatic rollback above {req.max_error_rate:.0%} errors); end it with "
-                      f"`aigc-ray promote --model {req.model} --finish` or `--rollback`", flush=True)
+                      f"version (automatic rollback when its errors are confidently above {req.max_error_rate:.0%} "
+                      f"and above the current version's); end it with `aigc-ray promote --model {req.model} --finish` "
+                      "or `--rollback`", flush=True)
             else:
                 rollout.swap(deployed, req.model, req.candidate, version)
                 print(f"promoted: {req.model} serves {version} from {req.candidate}", flush=True)
