@@ -88,6 +88,22 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.xdist_group("ray"))
 
 
+
+def pytest_configure(config):
+    if config.getoption("dist", "no") == "loadgroup" and int(pytest.__version__.split(".")[0]) >= 9:
+        raise pytest.UsageError("pytest-xdist 3.8 cannot group tests on pytest >= 9 (it rewrites item._nodeid, which "
+                                "pytest 9 ignores), so the tests that use Ray would run in two processes at once: "
+                                "install pytest < 9 (pyproject.toml), or run with -n 0")
+
+
+def pytest_collection_finish(session):
+    """In an xdist worker, check the grouping took: xdist names a grouped test NODEID@GROUP."""
+    if os.environ.get("PYTEST_XDIST_WORKER") and session.config.getvalue("loadgroup"):
+        stray = [item.nodeid for item in session.items if uses_ray(item) and not item.nodeid.endswith("@ray")]
+        if stray:
+            raise pytest.UsageError(f"{len(stray)} tests that use Ray are not in the xdist group 'ray' (e.g. {stray[0]}): "
+                                    "they would run beside each other on two Ray instances (is pytest >= 9? see pyproject.toml)")
+
 # --- where the suite's time goes: how busy the machine's CPUs were during each slow test ---------
 # (A test that is slow with its CPUs idle waits on something, a poll or a timeout; one that is
 # slow and busy computes. CI prints both for the 15 slowest tests.)
