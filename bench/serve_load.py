@@ -21,15 +21,33 @@ queue bounds: admitted p99 at 4x against 0.5x (target <= 2x), how fast the rest 
 --niceness runs Ray's workers and the plain server at the same niceness (default 0, as `aigc-ray serve` does;
 Ray's own default for workers is 15, which on a busy machine starves Serve against a nice-0 baseline).
 Writes bench/results/serve_load.json. The load generator runs on the same machine (asyncio clients).
+
+    python bench/serve_load.py --text [--text-config gpt-stdlib] [--duration 6] [--concurrency 1 8] [--max-new-tokens 128]
+
+--text measures text completion instead, on a freshly initialised checkpoint of a shipped text config (default
+gpt-stdlib; the weights do not change the cost) served alone (so in the ingress replica, no second hop), one
+replica: every request continues the same prompt (default: the first 64 bytes of the stdlib corpus) by
+--max-new-tokens bytes at temperature 0.8, each with its own seed, in closed loops of `concurrency` clients:
+  (a) the plain PyTorch loop in this process: TextPipeline.stream (what the replica calls), one thread per
+      concurrency slot, each running its requests one after another (torch at 1 thread, as the replica),
+  (b) Serve HTTP POST /v1/complete with "stream": true (server-sent events),
+  (c) Serve HTTP POST /v1/complete without streaming (one JSON answer),
+  (d) Serve gRPC aigc.v1.Generator/Complete (server streaming);
+at each concurrency: tokens/s (all new tokens of the cell / its seconds), time to first token (the first
+piece: (a) the first piece the pipeline yields, (b) the first `data` event, (d) the first chunk with text;
+p50/p99), each stream's own rate after its first token (p50), total latency p50/p99, errors; and Serve / plain
+for tokens/s and time to first token at every concurrency. Writes bench/results/serve_load_text.json.
 """
 
 import argparse
 import asyncio
 import json
 import os
+import shlex
 import socket
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -49,6 +67,34 @@ def make_checkpoint(path: Path, seed: int, image_size: int = 16, channels: int =
     model = build_generator(cfg.model)
     save_checkpoint(path, experiment=cfg, served_state=model.state_dict(), step=seed, epoch=0, ema=True, dataset={})
     return str(path)
+
+
+TEXT_CONFIGS = ("gpt-stdlib", "gru-stdlib")
+
+
+def make_text_checkpoint(path: Path, config: str, seed: int) -> str:
+    """A freshly initialised text checkpoint of a shipped text config, written by the product's own writer."""
+    import torch
+
+    from aigc_ray.config import load_config
+    from aigc_ray.models.text_checkpoint import save_text_checkpoint
+    from aigc_ray.models.text_registry import build_text_model
+
+    cfg = load_config(config)
+    torch.manual_seed(seed)
+    model = build_text_model(cfg.model)
+    save_text_checkpoint(path, experiment=cfg, state=model.state_dict(), step=seed, epoch=0, dataset={})
+    return str(path)
+
+
+def stdlib_prompt(n: int = 64) -> str:
+    """The first n bytes of the stdlib corpus (its first module), or "def " on a trimmed installation."""
+    import sysconfig
+
+    from aigc_ray.data.text import STDLIB_FILES
+
+    path = Path(sysconfig.get_paths()["stdlib"]) / STDLIB_FILES[0]
+    return path.read_bytes()[:n].decode("utf-8", errors="replace") if path.is_file() else "def "
 
 
 def plain_server(checkpoint: str, port: int, device: str) -> None:
@@ -337,15 +383,254 @@ async def run_overload(args, app, ckpt: str, http_port: int, stub, results: dict
     await session.close()
 
 
+# ---- text completion (--text) ------------------------------------------------------------------------
+
+def summarize_text(records: list[dict], errors: int, seconds: float) -> dict:
+    """records: {"tokens", "total_s", "ttft_s" (None without streaming)} per finished request."""
+    def pct(xs: list[float], q: float) -> float | None:
+        xs = sorted(xs)
+        return round(1e3 * xs[min(len(xs) - 1, int(q * len(xs)))], 2) if xs else None
+
+    tokens = sum(r["tokens"] for r in records)
+    out = {"tokens_per_s": round(tokens / seconds, 1), "requests": len(records), "tokens": tokens, "errors": errors,
+           "latency_p50_ms": pct([r["total_s"] for r in records], 0.5),
+           "latency_p99_ms": pct([r["total_s"] for r in records], 0.99), "ttft_p50_ms": None, "ttft_p99_ms": None}
+    streamed = [r for r in records if r.get("ttft_s") is not None]
+    if streamed:
+        rates = sorted((r["tokens"] - 1) / max(r["total_s"] - r["ttft_s"], 1e-9) for r in streamed if r["tokens"] > 1)
+        out |= {"ttft_p50_ms": pct([r["ttft_s"] for r in streamed], 0.5),
+                "ttft_p99_ms": pct([r["ttft_s"] for r in streamed], 0.99),
+                "stream_tokens_per_s_p50": round(rates[len(rates) // 2], 1) if rates else None}
+    if records and "first_piece_tokens" in records[0]:  # (a): tokens already sampled when the first piece came out
+        out["first_piece_tokens_mean"] = round(sum(r["first_piece_tokens"] for r in records) / len(records), 2)
+    return out
+
+
+def print_text(mode: str, c: int, r: dict) -> None:
+    ttft = "" if r["ttft_p50_ms"] is None else f"  TTFT p50 {r['ttft_p50_ms']:7.1f} ms p99 {r['ttft_p99_ms']:7.1f} ms"
+    print(f"{mode:18s} c={c:<3d} {r['tokens_per_s']:8.1f} tok/s{ttft}  latency p50 {r['latency_p50_ms']:8.1f} ms  "
+          f"p99 {r['latency_p99_ms']:8.1f} ms  requests {r['requests']}  errors {r['errors']}", flush=True)
+
+
+def bench_text_plain(pipe, prompt: str, settings: dict, concurrency: int, duration: float) -> dict:
+    """(a) The plain PyTorch loop: TextPipeline.stream in this process, `concurrency` threads, each one request
+    at a time (the replica also computes each token in a worker thread, so streams interleave the same way)."""
+    from aigc_ray.text_pipeline import SamplingSettings
+
+    records: list[dict] = []
+    stop = time.perf_counter() + duration
+
+    def slot(w: int) -> None:
+        i = 0
+        while time.perf_counter() < stop:
+            progress: dict = {}
+            first, first_tokens, t = None, 0, time.perf_counter()
+            for _ in pipe.stream(prompt, SamplingSettings(**settings, seed=w * 1_000_000 + i), progress):
+                if first is None:
+                    first, first_tokens = time.perf_counter(), progress["tokens"]
+            records.append({"tokens": progress["tokens"], "total_s": time.perf_counter() - t,
+                            "ttft_s": None if first is None else first - t, "first_piece_tokens": first_tokens})
+            i += 1
+
+    start = time.perf_counter()
+    threads = [threading.Thread(target=slot, args=(w,)) for w in range(concurrency)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    return summarize_text(records, 0, time.perf_counter() - start)
+
+
+async def text_load(send, concurrency: int, duration: float) -> dict:
+    """Closed loop of `concurrency` asyncio clients; send(seed) -> a record for summarize_text."""
+    records, errors, stop = [], [0], time.perf_counter() + duration
+
+    async def worker(w: int):
+        i = 0
+        while time.perf_counter() < stop:
+            try:
+                records.append(await send(seed=w * 1_000_000 + i))
+            except Exception as err:  # counted, and the first few shown
+                errors[0] += 1
+                if errors[0] <= 3:
+                    print(f"  request failed: {type(err).__name__}: {str(err)[:200]}", file=sys.stderr)
+            i += 1
+
+    start = time.perf_counter()
+    await asyncio.gather(*(worker(w) for w in range(concurrency)))
+    return summarize_text(records, errors[0], time.perf_counter() - start)
+
+
+def sse_sender(client, body: dict):
+    """(b) POST /v1/complete with stream: the time to the first `data` event (a piece of text; the `start`
+    event before it carries no token), the token count of the `done` event."""
+    async def send(seed: int) -> dict:
+        t, first, tokens, event = time.perf_counter(), None, None, "message"
+        async with client.post("/v1/complete", json={**body, "seed": seed, "stream": True}) as r:
+            r.raise_for_status()
+            async for raw in r.content:
+                line = raw.decode("utf-8").rstrip("\n")
+                if line.startswith("event: "):
+                    event = line[7:]
+                elif line.startswith("data: "):
+                    if event == "message" and first is None:
+                        first = time.perf_counter()
+                    elif event == "done":
+                        tokens = json.loads(line[6:])["tokens"]
+                    elif event == "error":
+                        raise RuntimeError(json.loads(line[6:])["error"])
+                    event = "message"
+        if tokens is None:
+            raise RuntimeError("the stream ended without a done event")
+        return {"tokens": tokens, "total_s": time.perf_counter() - t, "ttft_s": None if first is None else first - t}
+    return send
+
+
+def complete_sender(client, body: dict):
+    """(c) POST /v1/complete, one JSON answer."""
+    async def send(seed: int) -> dict:
+        t = time.perf_counter()
+        async with client.post("/v1/complete", json={**body, "seed": seed}) as r:
+            data = await r.read()
+            r.raise_for_status()
+        return {"tokens": json.loads(data)["tokens"], "total_s": time.perf_counter() - t, "ttft_s": None}
+    return send
+
+
+def grpc_complete_sender(stub, body: dict):
+    """(d) aigc.v1.Generator/Complete: the time to the first chunk with text (the first chunk carries only the
+    model version and seed), the token count of the done chunk."""
+    from aigc_ray.serving.proto import aigc_pb2
+
+    async def send(seed: int) -> dict:
+        t, first, tokens = time.perf_counter(), None, None
+        request = aigc_pb2.CompleteRequest(prompt=body["prompt"], max_new_tokens=body["max_new_tokens"],
+                                           temperature=body["temperature"], seed=seed)
+        async for chunk in stub.Complete(request, timeout=60):
+            if chunk.done:
+                tokens = chunk.tokens
+            elif chunk.text and first is None:
+                first = time.perf_counter()
+        if tokens is None:
+            raise RuntimeError("the stream ended without a done chunk")
+        return {"tokens": tokens, "total_s": time.perf_counter() - t, "ttft_s": None if first is None else first - t}
+    return send
+
+
+TEXT_SERVE_MODES = ("b_http_stream", "c_http", "d_grpc_stream")
+
+
+async def run_text_serve_modes(args, ckpt: str, body: dict, results: dict) -> None:
+    import grpc
+
+    from aigc_ray.serving import app
+    from aigc_ray.serving.proto import aigc_pb2_grpc
+
+    http_port, grpc_port = free_port(), free_port()
+    quiet = {"access_log": False} if args.no_access_log else {}
+    app.start(http_port=http_port, grpc_port=grpc_port, request_timeout_s=60, **quiet)
+    # alone, so the text model runs in the ingress replica; one replica; bounds wide (speed, not shedding)
+    await asyncio.to_thread(app.deploy, {"checkpoints": [f"text={ckpt}"], "min_replicas": 1, "max_replicas": 1,
+                                         "replica_cpus": 1, "replica_gpus": 1 if args.device == "cuda" else 0,
+                                         "request_timeout_s": 60, "max_queued_requests": 4096,
+                                         "max_ongoing_requests": 256,
+                                         "max_new_tokens": max(1024, args.max_new_tokens), **quiet})
+    async with http_session(http_port) as client, \
+            grpc.aio.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+        stub = aigc_pb2_grpc.GeneratorStub(channel)
+        senders = {"b_http_stream": sse_sender(client, body), "c_http": complete_sender(client, body),
+                   "d_grpc_stream": grpc_complete_sender(stub, body)}
+        for mode in TEXT_SERVE_MODES:
+            for seed in range(2):  # warm-up
+                await senders[mode](seed=seed)
+            for c in args.concurrency:
+                results[mode][str(c)] = r = await text_load(senders[mode], c, args.duration)
+                print_text(mode, c, r)
+
+
+def text_main(args) -> int:
+    """--text: (a) the plain PyTorch loop, then (b)-(d) through Serve; Serve / plain at every concurrency."""
+    import torch
+
+    from aigc_ray.text_pipeline import TextPipeline
+
+    tmp = Path(tempfile.mkdtemp(prefix="serve-bench-text-"))
+    ckpt = args.checkpoint or make_text_checkpoint(tmp / "checkpoint_text", args.text_config, 1)
+    prompt = stdlib_prompt() if args.prompt is None else args.prompt
+    settings = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature}
+    results: dict = {"config": {**vars(args), "prompt": prompt, "checkpoint": ckpt,
+                                "machine": f"{os.cpu_count()}-core CPU (shared with other jobs)",
+                                "command": shlex.join(["python", *sys.argv]),
+                                "load_average_at_start": [round(x, 2) for x in os.getloadavg()]},
+                     "a_plain_torch": {}, **{m: {} for m in TEXT_SERVE_MODES}}
+    torch.set_num_threads(1)  # like one Serve replica with num_cpus=1
+    pipe = TextPipeline.from_checkpoint(ckpt, args.device)
+    results["config"]["model_version"] = pipe.version
+    print(f"{args.text_config}: {pipe.version}, prompt {prompt!r} ({len(prompt.encode())} bytes), "
+          f"{args.max_new_tokens} new tokens, temperature {args.temperature}", flush=True)
+    bench_text_plain(pipe, prompt, settings, 1, 0.0)  # warm-up: one request
+    for c in args.concurrency:
+        results["a_plain_torch"][str(c)] = r = bench_text_plain(pipe, prompt, settings, c, args.duration)
+        print_text("a_plain_torch", c, r)
+    del pipe
+
+    from ray import serve
+
+    start_ray(args)
+    try:
+        asyncio.run(run_text_serve_modes(args, ckpt, {"prompt": prompt, **settings}, results))
+    finally:
+        serve.shutdown()
+        import ray
+
+        ray.shutdown()
+
+    def ratio(x: float | None, y: float | None) -> float | None:
+        return None if x is None or not y else round(x / y, 2)
+
+    results["config"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    plain = results["a_plain_torch"]
+    results["serve_vs_plain"] = {c: {mode: {"tokens_per_s_ratio": ratio(results[mode][c]["tokens_per_s"],
+                                                                        plain[c]["tokens_per_s"]),
+                                            "ttft_p50_ratio": ratio(results[mode][c]["ttft_p50_ms"], plain[c]["ttft_p50_ms"]),
+                                            "latency_p50_ratio": ratio(results[mode][c]["latency_p50_ms"],
+                                                                       plain[c]["latency_p50_ms"])}
+                                     for mode in TEXT_SERVE_MODES}
+                                 for c in plain}
+    print("Serve / plain PyTorch loop, tokens/s ratio (TTFT p50 ratio):")
+    for c, modes in results["serve_vs_plain"].items():
+        print(f"  c={c:<3s} " + "  ".join(f"{m}: {v['tokens_per_s_ratio']}x"
+                                          + ("" if v["ttft_p50_ratio"] is None else f" ({v['ttft_p50_ratio']}x)")
+                                          for m, v in modes.items()))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=2))
+    print(args.out)
+    return 0 if all(results[m][c]["errors"] == 0 for m in TEXT_SERVE_MODES for c in plain) else 1
+
+
+def start_ray(args) -> None:
+    """The local Ray of the Serve modes: the --serve-env variables, the --ingress, Ray's workers at --niceness."""
+    import ray
+
+    os.environ.update(dict(kv.split("=", 1) for kv in args.serve_env))
+    if args.ingress == "haproxy":
+        from aigc_ray.serving.app import use_haproxy_ingress
+
+        use_haproxy_ingress()
+    os.environ["RAY_worker_niceness"] = str(args.niceness)  # each worker nice()s itself by this (core_worker.cc)
+    ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
+
+
 def main() -> int:
     from aigc_ray.serving.options import INGRESSES
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--duration", type=float, default=6.0, help="seconds per (mode, concurrency) cell")
     p.add_argument("--swap-duration", type=float, default=15.0)
-    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 64])
+    p.add_argument("--concurrency", type=int, nargs="+", help="clients in each cell (default 1 8 64; --text: 1 8)")
     p.add_argument("--images-per-request", type=int, default=1)
-    p.add_argument("--checkpoint", help="checkpoint A (default: a fresh dcgan-digits init)")
+    p.add_argument("--checkpoint", help="checkpoint A (default: a fresh dcgan-digits init; --text: a fresh init of "
+                                        "--text-config)")
     p.add_argument("--checkpoint-b", help="checkpoint swapped to under load (default: another fresh init)")
     p.add_argument("--num-cpus", type=int, default=2, help="CPUs for the local Ray")
     p.add_argument("--image-size", type=int, default=16, help="side of the default fresh checkpoints (16: dcgan-digits; "
@@ -365,12 +650,26 @@ def main() -> int:
                         "sending each request straight to a replica")
     p.add_argument("--serve-env", action="append", default=[], metavar="KEY=VALUE",
                    help="an environment variable for Ray's processes (proxy, replicas), e.g. RAY_SERVE_... knobs")
+    p.add_argument("--text", action="store_true", help="text completion instead of images: the plain PyTorch loop "
+                   "against Serve's streaming HTTP, plain HTTP and streaming gRPC (tokens/s, time to first token)")
+    p.add_argument("--text-config", choices=TEXT_CONFIGS, default="gpt-stdlib",
+                   help="--text: the shipped config of the fresh text checkpoint (default gpt-stdlib)")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="--text: bytes generated per request (default 128)")
+    p.add_argument("--temperature", type=float, default=0.8, help="--text: sampling temperature (default 0.8)")
+    p.add_argument("--prompt", help="--text: the prompt of every request (default: the first 64 bytes of the stdlib "
+                                    "corpus)")
     p.add_argument("--plain-server", nargs=2, metavar=("CHECKPOINT", "PORT"), help=argparse.SUPPRESS)
-    p.add_argument("--out", default=str(Path(__file__).parent / "results" / "serve_load.json"))
+    p.add_argument("--out", help="results file (default bench/results/serve_load.json; --text: "
+                                 "bench/results/serve_load_text.json)")
     args = p.parse_args()
+    args.concurrency = args.concurrency or ([1, 8] if args.text else [1, 8, 64])
+    args.out = args.out or str(Path(__file__).parent / "results" / ("serve_load_text.json" if args.text
+                                                                      else "serve_load.json"))
     if args.plain_server:
         plain_server(args.plain_server[0], int(args.plain_server[1]), args.device)
         return 0
+    if args.text:
+        return text_main(args)
 
     import ray
     from ray import serve
@@ -389,13 +688,7 @@ def main() -> int:
         print(f"{'a_inprocess':18s} c={c:<3d} {r['images_per_s']:8.1f} img/s  p50 {r['p50_ms']:8.1f} ms  "
               f"p99 {r['p99_ms']:8.1f} ms", flush=True)
     asyncio.run(run_plain(args, ckpt_a, results))
-    os.environ.update(dict(kv.split("=", 1) for kv in args.serve_env))
-    if args.ingress == "haproxy":
-        from aigc_ray.serving.app import use_haproxy_ingress
-
-        use_haproxy_ingress()
-    os.environ["RAY_worker_niceness"] = str(args.niceness)  # each worker nice()s itself by this (core_worker.cc)
-    ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
+    start_ray(args)
     try:
         asyncio.run(run_serve_modes(args, ckpt_a, ckpt_b, results))
     finally:
