@@ -81,20 +81,27 @@ class TextPipeline:
         limit = self.model.max_context
         ids = list(prompt_ids) or list(EMPTY_PROMPT)
         context = ids[-limit:] if limit else ids
+        logits, state = self._forward([context])
+        held = len(context)
+        for _ in range(s.max_new_tokens):
+            token = self._next(logits[0, -1], s, gen)
+            ids.append(token)
+            yield token
+            if limit and held >= limit:  # the cache is full: rebuild it from the recent half
+                context = ids[-(limit // 2):]
+                logits, state = self._forward([context])
+                held = len(context)
+            else:
+                logits, state = self._forward([[token]], state)
+                held += 1
+
+    def _forward(self, tokens: list[list[int]], state=None):
+        """(1, T) token ids [+ the cache] -> logits (1, T, 256) and the new cache. The inference mode is entered per
+        call, not around token_steps' yields: it is thread-local, and Serve resumes the generator on whichever
+        executor thread is free (asyncio.to_thread), where a mode entered on another thread would not hold (an
+        LSTM/GRU step then fails saving an inference tensor for backward)."""
         with torch.inference_mode():
-            logits, state = self.model(torch.tensor([context], device=self.device), use_cache=True)
-            held = len(context)
-            for _ in range(s.max_new_tokens):
-                token = self._next(logits[0, -1], s, gen)
-                ids.append(token)
-                yield token
-                if limit and held >= limit:  # the cache is full: rebuild it from the recent half
-                    context = ids[-(limit // 2):]
-                    logits, state = self.model(torch.tensor([context], device=self.device), use_cache=True)
-                    held = len(context)
-                else:
-                    logits, state = self.model(torch.tensor([[token]], device=self.device), state, use_cache=True)
-                    held += 1
+            return self.model(torch.tensor(tokens, device=self.device), state, use_cache=True)
 
     def stream(self, prompt: str, s: SamplingSettings, progress: dict | None = None) -> Iterator[str]:
         """Text pieces as they are produced (stop strings withheld until they can no longer begin one).

@@ -176,3 +176,30 @@ def test_bad_input_names_the_field(tmp_path, capsys):
     export_checkpoint(str(gan), "onnx", tmp_path / "g.onnx")
     with pytest.raises(OnnxTextError, match="not an aigc-ray text step graph"):
         OnnxTextModel(tmp_path / "g.onnx")
+
+
+@pytest.mark.parametrize(("family", "options"), VARIANTS, ids=IDS)
+def test_serving_a_stream_step_by_step_on_other_threads_gives_the_same_text(tmp_path, family, options):
+    """Serve (serving/text.py token_stream) resumes the pipeline's generator with asyncio.to_thread, so each
+    token may be computed on another thread. torch's inference mode is thread-local: entered around the
+    generator's yields, it held on the first thread only, and a GRU step elsewhere failed ("Inference tensors
+    cannot be saved for backward"). The same seed gives the same text as one uninterrupted call."""
+    import asyncio
+
+    from aigc_ray.serving.text import token_stream
+
+    pipe = TextPipeline.from_checkpoint(text_checkpoint(tmp_path / "ckpt", family, **options))
+    settings = {"max_new_tokens": 40, "temperature": 0.8, "seed": 5}
+
+    async def served() -> str:
+        counters = {"active": 0, "tokens": 0, "cancelled": 0}
+        return "".join([item["text"] async for item in token_stream(pipe, "t", "def ", settings, counters)
+                        if "text" in item])
+
+    async def on_many_threads() -> str:  # more threads than steps' worth of luck: each step may land elsewhere
+        return "".join(await asyncio.gather(served(), served(), served()))
+
+    texts = asyncio.run(on_many_threads())
+    want = pipe.complete("def ", SamplingSettings(**settings))
+    assert texts == want * 3
+    assert torch.is_grad_enabled()  # nothing left the mode switched on this thread
