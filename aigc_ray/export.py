@@ -143,16 +143,25 @@ def export_checkpoint(checkpoint: str, fmt: str, out: str | Path, graph: str | N
 
 def _write_onnx(module: nn.Module, example: tuple, inputs: list[str], outputs: list[str],
                 meta: dict[str, str], path: str) -> None:
+    # static graphs (no data-dependent control flow): the batch axis is the only dynamic one
+    write_onnx(module, example, path, inputs, outputs, {name: {0: "batch"} for name in inputs + outputs}, meta,
+               f"aigc-ray {meta['family']} {meta['graph']} graph, model {meta['model_version']}; "
+               f"inputs {', '.join(inputs)}; latents by rule {LATENT_RULE}")
+
+
+def write_onnx(module: nn.Module, example: tuple, path: str, inputs: list[str], outputs: list[str],
+               dynamic_axes: dict, meta: dict[str, str], doc: str) -> None:
+    """Trace ``module`` on ``example`` into an ONNX file at ``path`` with ``meta`` as its metadata_props,
+    checked by onnx's checker (the image graphs here and the text decoding step, aigc_ray/text_export.py)."""
     import onnx
 
-    # dynamo=False: the TorchScript-based exporter, which needs no onnxscript and handles these
-    # static graphs (no data-dependent control flow) fully; the batch axis is declared dynamic.
-    torch.onnx.export(module.eval(), example, path, dynamo=False, opset_version=OPSET, input_names=inputs,
-                      output_names=outputs, dynamic_axes={name: {0: "batch"} for name in inputs + outputs})
+    # dynamo=False: the TorchScript-based exporter; the dynamo one needs onnxscript, not installed here
+    with torch.no_grad():
+        torch.onnx.export(module.eval(), example, path, dynamo=False, opset_version=OPSET, input_names=inputs,
+                          output_names=outputs, dynamic_axes=dynamic_axes)
     model = onnx.load(path)
     onnx.helper.set_model_props(model, meta)
-    model.doc_string = (f"aigc-ray {meta['family']} {meta['graph']} graph, model {meta['model_version']}; "
-                        f"inputs {', '.join(inputs)}; latents by rule {LATENT_RULE}")
+    model.doc_string = doc
     onnx.checker.check_model(model)
     onnx.save(model, path)
 

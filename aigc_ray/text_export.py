@@ -11,7 +11,8 @@ text checkpoints over). The step graph is what a decoder calls once per new posi
             -> logits float32 (B, T, 256), hidden_out [, cell_out]
 
 B, T and P are dynamic axes; a gpt's position + T must stay within its block size (max_context in the
-metadata: the position tables end there, as in the model), which the runner keeps by rebuilding its cache. The vocabulary and the model config travel in the ONNX metadata_props (JSON
+metadata: the position tables end there, as in the model), which the runner keeps by rebuilding its cache.
+The vocabulary and the model config travel in the ONNX metadata_props (JSON
 strings), beside the model version, the quality card, the state's input/output names and the decoding rules
 the runner must follow to give the server's tokens (the context limit and how the cache is rebuilt at it,
 the empty prompt's stand-in).
@@ -29,8 +30,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from aigc_ray.export import OPSET, write_onnx
+
 STEP_GRAPH = "step"
-OPSET = 17  # as the image graphs: onnxruntime >= 1.14 runs every op used here
 
 
 class _GPTStep(nn.Module):
@@ -168,16 +170,8 @@ def export_text_checkpoint(local: str | Path, fmt: str, out: str | Path, graph: 
 
 def _write_onnx(module: nn.Module, example: tuple, inputs: list[str], outputs: list[str], axes: dict,
                 md: dict[str, str], path: str) -> None:
-    import onnx
-
-    # dynamo=False: the TorchScript-based exporter; the dynamo one needs onnxscript, not installed here
-    with warnings.catch_warnings(), torch.no_grad():
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the legacy exporter warns of its deprecation and of traced shapes
-        torch.onnx.export(module.eval(), example, path, dynamo=False, opset_version=OPSET, input_names=inputs,
-                          output_names=outputs, dynamic_axes=axes)
-    model = onnx.load(path)
-    onnx.helper.set_model_props(model, md)
-    model.doc_string = (f"aigc-ray {md['family']} decoding step, model {md['model_version']}; inputs "
-                        f"{', '.join(inputs)}; outputs {', '.join(outputs)}")
-    onnx.checker.check_model(model)
-    onnx.save(model, path)
+        write_onnx(module, example, path, inputs, outputs, axes, md,
+                   f"aigc-ray {md['family']} decoding step, model {md['model_version']}; inputs "
+                   f"{', '.join(inputs)}; outputs {', '.join(outputs)}")
