@@ -66,6 +66,10 @@ APP_NAME = "aigc"
 RETRY_AFTER_S = 1
 HEADROOM = 16  # requests beyond the model's bound the ingress replica still takes: health, /v1/models, sheds
 PROXY_QUEUE_FACTOR = 4  # the proxy's queue for the ingress, in units of the ingress's own bound
+# How often Serve's controller asks each replica if it lives (Serve's default: 10 s). A replica that died
+# (a node lost, an OOM kill) is found at its next check and only then replaced, so this bounds how long
+# its share of the traffic waits; a check is one small call. A busy replica still has Serve's 30 s to answer.
+HEALTH_CHECK_PERIOD_S = 2
 logger = logging.getLogger("ray.serve")
 
 
@@ -532,7 +536,8 @@ def build_app(args: dict) -> serve.Application:
         (models if role == "current" else canaries)[name] = GeneratorModel.options(
             name=f"model-{name}" if role == "current" else canary_deployment(name), user_config={"checkpoint": uri},
             max_ongoing_requests=options.max_ongoing_requests, max_queued_requests=options.max_queued_requests,
-            version=_version("model", init(name, role), *resources), _internal=True, **replicas,
+            version=_version("model", init(name, role), *resources), health_check_period_s=HEALTH_CHECK_PERIOD_S,
+            _internal=True, **replicas,
         ).bind(**init(name, role))
     # No checkpoint URI in the ingress's args or version: a checkpoint change only reconfigures replicas in place
     # (user_config), nothing restarts and no request is dropped. The ingress replica bounds its own model's queue
@@ -545,7 +550,8 @@ def build_app(args: dict) -> serve.Application:
     return Ingress.options(name=f"model-{first}", user_config={"checkpoint": served[first]},
                            max_ongoing_requests=bound, max_queued_requests=PROXY_QUEUE_FACTOR * bound,
                            backpressure_config=BackpressureConfig(status_code=503, retry_after_s=RETRY_AFTER_S),
-                           version=_version("ingress", init(first), resources, plain), _internal=True, **replicas,
+                           version=_version("ingress", init(first), resources, plain),
+                           health_check_period_s=HEALTH_CHECK_PERIOD_S, _internal=True, **replicas,
                            ).bind(models, plain, canaries, init(first))
 
 
