@@ -59,13 +59,21 @@ def data_root(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def trained_checkpoint(ray_session, tmp_path_factory, data_root):
-    """A tiny dcgan trained for 2 epochs on 8x8 digits: the checkpoint's local path."""
+def tiny_dcgan_run(ray_session, tmp_path_factory, data_root):
+    """A tiny dcgan trained for 2 epochs on 8x8 digits, each epoch scored, the best kept: its
+    TrainingOutcome (test_eval.py checks the scores and the choice; the rest load its checkpoint)."""
     from aigc_ray.train.loop import run_training
 
     tmp = tmp_path_factory.mktemp("ckpt")
-    cfg = tiny_config(tmp).with_overrides({"data.data_root": str(data_root), "train.name": "tiny-dcgan"})
-    return run_training(cfg).checkpoint
+    cfg = tiny_config(tmp).with_overrides({"data.data_root": str(data_root), "train.name": "tiny-dcgan",
+                                           "eval.every_epochs": 1, "train.keep_checkpoints": 1})
+    return run_training(cfg)
+
+
+@pytest.fixture(scope="session")
+def trained_checkpoint(tiny_dcgan_run):
+    """The tiny dcgan's best checkpoint: its local path."""
+    return tiny_dcgan_run.checkpoint
 
 
 @pytest.fixture(scope="session")

@@ -188,13 +188,10 @@ def test_cli_eval_prints_the_table_and_writes_the_card(tmp_path, data_root):
     assert proc.returncode == 2 and "not an aigc-ray checkpoint" in proc.stderr
 
 
-def test_training_evaluates_and_names_the_best_checkpoint(ray_session, tmp_path, data_root, capsys):
-    from aigc_ray.train.loop import main_print, run_training
+def test_training_evaluates_and_names_the_best_checkpoint(tiny_dcgan_run, capsys):
+    from aigc_ray.train.loop import main_print
 
-    cfg = tiny_config(tmp_path).with_overrides({
-        "data.data_root": str(data_root), "train.epochs": 2, "eval.every_epochs": 1, "train.keep_checkpoints": 1,
-        "train.name": "evaluated"})
-    outcome = run_training(cfg)
+    outcome = tiny_dcgan_run  # the session's tiny dcgan: 2 epochs, each scored, the best one kept
     history = [json.loads(line) for line in Path(outcome.run_dir, "metrics.jsonl").read_text().splitlines()]
     assert [h["epoch"] for h in history] == [1, 2]
     fids = {h["epoch"]: h["fid"] for h in history}  # every evaluated epoch's FID lands in metrics.jsonl
