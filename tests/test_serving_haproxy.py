@@ -34,7 +34,8 @@ def test_haproxy_ingress_is_refused_for_a_running_cluster(monkeypatch, capsys):
 def test_serve_behind_haproxy_answers_http_and_grpc_from_the_replica(trained_checkpoint):
     http_port, grpc_port = free_ports(2)
     env = dict(os.environ, RAY_ADDRESS="local", PYTHONUNBUFFERED="1")  # its own Ray, beside the session's
-    for key in ("RAY_SERVE_ENABLE_HA_PROXY", "RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT"):
+    for key in ("RAY_SERVE_ENABLE_HA_PROXY", "RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT",
+                "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"):
         env.pop(key, None)
     proc = subprocess.Popen([sys.executable, "-m", "aigc_ray.cli", "serve", "--checkpoint", f"gan={trained_checkpoint}",
                              "--ingress", "haproxy", "--http-port", str(http_port), "--grpc-port", str(grpc_port),
@@ -84,8 +85,10 @@ def test_serve_behind_haproxy_answers_http_and_grpc_from_the_replica(trained_che
         assert sessions.get("replica", 0) >= 1 and sessions.get("proxy", 0) == 0, f"{sessions}\n{''.join(lines[-20:])}"
     finally:
         proc.send_signal(signal.SIGINT)  # as Ctrl-C: Serve and its Ray shut down
+        interrupted = time.monotonic()
         try:
             code = proc.wait(timeout=90)
+            print(f"stopped {time.monotonic() - interrupted:.1f} s after Ctrl-C")  # (30+ s with Serve's own drain)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             raise

@@ -70,6 +70,7 @@ PROXY_QUEUE_FACTOR = 4  # the proxy's queue for the ingress, in units of the ing
 # (a node lost, an OOM kill) is found at its next check and only then replaced, so this bounds how long
 # its share of the traffic waits; a check is one small call. A busy replica still has Serve's 30 s to answer.
 HEALTH_CHECK_PERIOD_S = 2
+HAPROXY_DRAIN_S = 2  # behind this node's HAProxy: how long a leaving replica stays reachable (use_haproxy_ingress)
 logger = logging.getLogger("ray.serve")
 
 
@@ -614,6 +615,11 @@ def use_haproxy_ingress() -> dict[str, int]:
             return s.getsockname()[1]
 
     os.environ["RAY_SERVE_ENABLE_HA_PROXY"] = "1"
+    # A replica that leaves (Ctrl-C, a downscale) first stays reachable this long, then refuses new
+    # connections (HAProxy retries those on another replica) and finishes what it has. Serve's 30 s default
+    # gives a load balancer elsewhere time to deregister it; here HAProxy runs on this node and Ray reloads
+    # it within about a second of the change. With 30 s, Ctrl-C took 30 s to stop the server.
+    os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", str(HAPROXY_DRAIN_S))
     ports = {}
     for name in ("stats", "metrics"):
         key = f"RAY_SERVE_HAPROXY_{name.upper()}_PORT"
