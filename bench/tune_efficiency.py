@@ -66,7 +66,12 @@ def run(scheduler: str, args, size: dict, out: str, min_rung_results: int = 1) -
     from aigc_ray.tuning.sweep import read_history
 
     history = str(Path(outcome.experiment, "history"))
+    # the best epoch's own 95% interval (eval draws; protocol 2) and its ratio to the floor
+    best_row = next((h for h in read_history(history, outcome.best.trial_id) if h.get("fid") == outcome.best.best),
+                    {}) if outcome.best else {}
     return {"best_fid": outcome.best.best if outcome.best else None,
+            "best_fid_interval": [best_row.get("fid_lo"), best_row.get("fid_hi")],
+            "best_fid_ratio": best_row.get("fid_ratio"),
             "best_trial": dataclasses.asdict(outcome.best) if outcome.best else None,
             "trial_epochs": outcome.trial_epochs,
             "scored_trial_epochs": sum(r.scored_epochs for r in outcome.rows),
@@ -96,6 +101,12 @@ def rung_signal(fifo: dict) -> dict[int, float]:
             at, best = torch.tensor(pairs, dtype=torch.float64).T
             out[epoch] = round(float(spearman_corrcoef(at, best)), 3)
     return out
+
+
+def _overlap(a: list, b: list) -> bool | None:
+    if None in (*a, *b):
+        return None
+    return a[0] <= b[1] and b[0] <= a[1]
 
 
 def main() -> int:
@@ -134,6 +145,8 @@ def main() -> int:
         "asha_over_fifo_scored_trial_epochs": asha["scored_trial_epochs"] / fifo["scored_trial_epochs"],
         "target": "ASHA best FID within 10% of FIFO's (ratio <= 1.10) with <= 40% of its trial-epochs",
         "target_met": bool(fid_ratio is not None and fid_ratio <= 1.10 and epoch_ratio <= 0.40),
+        # the two bests' intervals overlap: their difference is within the evaluation's noise
+        "best_fid_intervals_overlap": _overlap(asha["best_fid_interval"], fifo["best_fid_interval"]),
         "fifo_rank_correlation_of_epoch_fid_with_best": rung_signal(fifo),
     }
     if asha_min:
@@ -145,7 +158,7 @@ def main() -> int:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(json.dumps({k: v for k, v in result.items()
-                      if k.endswith(("_best_fid", "_trial_epochs", "target_met", "_with_best"))}, indent=2))
+                      if k.endswith(("_best_fid", "_trial_epochs", "target_met", "_with_best", "_overlap"))}, indent=2))
     return 0
 
 
