@@ -161,11 +161,13 @@ def _tune_text(args: argparse.Namespace) -> int:
         return 0
     summary = run_text_sweep(spec, out=args.out, address=args.address)
     for row in summary["trials"]:
-        print(f"{row['trial']}: {row['config']} epochs={row['epochs']} {spec.metric}={row[spec.metric]}")
-    best = summary["best"]
-    if best and best["checkpoint"]:
-        print(f"best checkpoint: {best['checkpoint']}  (aigc-ray serve --checkpoint {best['checkpoint']})")
-    return 0 if best else 1
+        print(f"{row['trial']}: {row['config']} epochs={row['epochs']} best {spec.metric}={row[spec.metric]} "
+              f"(epoch {row['best_epoch']})" + (f" FAILED: {row['error']}" if row["error"] else ""))
+    exported = summary["exported"]
+    if exported:
+        print(f"best trial: {summary['best']['trial']} {spec.metric}={summary['best'][spec.metric]}")
+        print(f"best checkpoint: {exported}  (aigc-ray serve --checkpoint {exported})")
+    return 0 if exported else 1
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

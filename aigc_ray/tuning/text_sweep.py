@@ -13,7 +13,7 @@ with --smoke-test).
 
 from __future__ import annotations
 
-import json
+import math
 import shutil
 import sys
 from dataclasses import asdict, dataclass, field
@@ -21,6 +21,7 @@ from pathlib import Path
 
 import yaml
 
+from aigc_ray import storage
 from aigc_ray.config import ConfigError, load_config
 
 DISTRIBUTIONS = ("choice", "uniform", "loguniform", "randint")
@@ -143,8 +144,10 @@ def run_text_sweep(spec: TextSweepSpec, out: str = "runs/tune", address: str | N
     from aigc_ray.data.text import ensure_prepared_text, load_tokens
     from aigc_ray.text_quality import baselines
     from aigc_ray.train.loop import init_ray
+    from aigc_ray.tuning.sweep import HISTORY, ProgressLines
 
     root = Path(out).expanduser().resolve()
+    experiment = str(root / spec.name)
     base = spec.base_config()
     prepared = ensure_prepared_text(base.data)
     floor = baselines(np.asarray(load_tokens(prepared, "train")), np.asarray(load_tokens(prepared, "validation")),
@@ -155,6 +158,7 @@ def run_text_sweep(spec: TextSweepSpec, out: str = "runs/tune", address: str | N
     concurrent = spec.resources.get("max_concurrent", 1)
     print(f"text sweep {spec.name}: {spec.num_samples} trial(s), ASHA, {spec.epochs} epoch(s) each, up to "
           f"{concurrent} at once; metric {spec.metric} ({spec.mode})", file=sys.stderr, flush=True)
+    history = storage.join(experiment, HISTORY)
     tuner = ray.tune.Tuner(
         trainable,
         param_space={"space": {k: _domain(*next(iter(d.items()))) for k, d in spec.space.items()}},
@@ -163,25 +167,40 @@ def run_text_sweep(spec: TextSweepSpec, out: str = "runs/tune", address: str | N
             scheduler=ASHAScheduler(time_attr="epoch", max_t=spec.epochs, **spec.scheduler),
             search_alg=BasicVariantGenerator(random_state=spec.seed, max_concurrent=concurrent), reuse_actors=False,
             trial_dirname_creator=lambda trial: trial.trial_id),
-        run_config=ray.tune.RunConfig(name=spec.name, storage_path=str(root), verbose=0))
+        run_config=ray.tune.RunConfig(name=spec.name, storage_path=str(root), verbose=0,
+                                      callbacks=[ProgressLines(spec.metric, history)]))
     results = tuner.fit()
-    rows = []
-    for r in results:
-        m = r.metrics or {}
-        rows.append({"trial": m.get("trial_id"), "config": (r.config or {}).get("space"), "epochs": m.get("epoch"),
-                     spec.metric: m.get(spec.metric), "error": str(r.error)[:300] if r.error else None})
-    best = results.get_best_result(spec.metric, spec.mode) if any(r[spec.metric] is not None for r in rows) else None
-    exported = None
-    if best is not None:
-        checkpoint = best.get_best_checkpoint(spec.metric, spec.mode) or best.checkpoint
-        if checkpoint is not None:
-            dest = root / "best"
-            shutil.rmtree(dest, ignore_errors=True)
-            with checkpoint.as_directory() as directory:
-                shutil.copytree(directory, dest)
-            exported = str(dest)
-    summary = {"sweep": spec.name, "metric": spec.metric, "mode": spec.mode, "trials": rows,
-               "best": None if best is None else {"config": best.config["space"], spec.metric: best.metrics.get(spec.metric),
-                                                  "checkpoint": exported}}
-    (root / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    rows = sorted((_row(spec, r, history) for r in results), key=lambda row: row["trial"])
+    scored = [row for row in rows if row[spec.metric] is not None and row["checkpoint"]]
+    best = (min if spec.mode == "min" else max)(scored, key=lambda row: row[spec.metric]) if scored else None
+    exported = _export(best["checkpoint"], str(root / "best")) if best else None
+    summary = {"sweep": spec.name, "experiment": experiment, "metric": spec.metric, "mode": spec.mode, "trials": rows,
+               "best": None if best is None else {**best, "exported": exported}, "exported": exported}
+    storage.write_json(str(root / "summary.json"), summary)
     return summary
+
+
+def _row(spec: TextSweepSpec, result, history: str) -> dict:
+    """A trial's line of the summary: its best report (the metric and the checkpoint made with it), read from
+    the sweep's own record of every report (tuning/sweep.py's ProgressLines). Train's TuneReportCallback
+    hands Tune each checkpoint's path in the report, not the checkpoint itself, so Tune's result has none."""
+    from aigc_ray.tuning.sweep import read_history
+
+    trial_id = Path(result.path).name  # trial_dirname_creator: the trial's directory is its id
+    records = read_history(history, trial_id)
+    scored = [r for r in records if isinstance(r.get(spec.metric), (int, float)) and math.isfinite(r[spec.metric])]
+    top = (min if spec.mode == "min" else max)(scored, key=lambda r: r[spec.metric]) if scored else {}
+    checkpoint = top.get("checkpoint_path") if isinstance(top.get("checkpoint_path"), str) else None
+    return {"trial": trial_id, "config": (result.config or {}).get("space"),
+            "epochs": max((int(r.get("epoch") or 0) for r in records), default=0), spec.metric: top.get(spec.metric),
+            "best_epoch": top.get("epoch"), "checkpoint": checkpoint,
+            "error": str(result.error).strip().splitlines()[-1][:300] if result.error else None}
+
+
+def _export(checkpoint: str, dest: str) -> str:
+    """Copy the checkpoint (a plain text checkpoint with its card) to dest, replacing what was there."""
+    target = Path(dest)
+    shutil.rmtree(target, ignore_errors=True)
+    with storage.localized(checkpoint) as local:
+        shutil.copytree(local, target, ignore=shutil.ignore_patterns("*.tmp"))
+    return str(target)

@@ -1,0 +1,51 @@
+"""Text sweeps: the shipped spec's smoke variant run for real through `aigc-ray tune` on the session Ray, its
+exported best loaded and completed as the server does; the flags' wiring and refusals without Ray."""
+
+import io
+import json
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+from aigc_ray.cli import main
+from aigc_ray.tuning.text_sweep import load_text_spec
+
+SPEC = str(Path(__file__).resolve().parents[1] / "tune" / "gpt_asha.yaml")
+
+
+@pytest.fixture(scope="module")
+def smoke_sweep(ray_session, tmp_path_factory):
+    """`aigc-ray tune --spec tune/gpt_asha.yaml --smoke-test --out OUT`, in process: (OUT, exit code, stdout)."""
+    out = tmp_path_factory.mktemp("text-sweep") / "tune"
+    capture, printed = pytest.MonkeyPatch(), io.StringIO()
+    capture.setattr(sys, "stdout", printed)
+    try:
+        code = main(["tune", "--spec", SPEC, "--smoke-test", "--out", str(out)])
+    finally:
+        capture.undo()
+    return out, code, printed.getvalue()
+
+
+def test_the_smoke_sweep_lists_its_trials_and_exports_a_best_that_serves_as_is(smoke_sweep):
+    from aigc_ray.text_pipeline import SamplingSettings, TextPipeline
+
+    out, code, printed = smoke_sweep
+    assert code == 0, printed
+    spec = load_text_spec(SPEC, smoke=True)
+    summary = json.loads((out / "summary.json").read_text())
+    trials = summary["trials"]
+    assert len(trials) == spec.num_samples and all(t["error"] is None for t in trials)
+    assert all(isinstance(t["val_bpb"], float) and 1 <= t["epochs"] <= spec.epochs for t in trials)
+    assert summary["best"]["val_bpb"] == min(t["val_bpb"] for t in trials)
+    best = Path(re.search(r"best checkpoint: (\S+)", printed).group(1))
+    assert best == out / "best" and best.is_dir()
+
+    card = json.loads((best / "card.json").read_text())["metrics"]  # the card of the checkpoint the summary ranks
+    assert card["val_bpb_lo"] < card["val_bpb"] < card["val_bpb_hi"] and card["val_bpb"] == summary["best"]["val_bpb"]
+    pipe = TextPipeline.from_checkpoint(best)  # what a Serve replica loads (serving/model.py)
+    settings = SamplingSettings(max_new_tokens=24, temperature=1.0, seed=5)
+    text = pipe.complete("def ", settings)
+    assert text and pipe.complete("def ", settings) == text
+    assert pipe.complete("def ", SamplingSettings(max_new_tokens=24, temperature=1.0, seed=6)) != text
