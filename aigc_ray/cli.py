@@ -150,7 +150,7 @@ def _tune_text(args: argparse.Namespace) -> int:
 
     from aigc_ray.tuning.text_sweep import load_text_spec, run_text_sweep
 
-    for flag in ("resume", "promote", "storage_path"):
+    for flag in ("resume", "storage_path"):
         if getattr(args, flag):
             raise ValueError(f"--{flag.replace('_', '-')}: not available for a text sweep yet")
     spec = load_text_spec(args.spec, smoke=args.smoke_test, num_samples=args.num_samples)
@@ -164,10 +164,17 @@ def _tune_text(args: argparse.Namespace) -> int:
         print(f"{row['trial']}: {row['config']} epochs={row['epochs']} best {spec.metric}={row[spec.metric]} "
               f"(epoch {row['best_epoch']})" + (f" FAILED: {row['error']}" if row["error"] else ""))
     exported = summary["exported"]
-    if exported:
-        print(f"best trial: {summary['best']['trial']} {spec.metric}={summary['best'][spec.metric]}")
-        print(f"best checkpoint: {exported}  (aigc-ray serve --checkpoint {exported})")
-    return 0 if exported else 1
+    if not exported:
+        return 1
+    print(f"best trial: {summary['best']['trial']} {spec.metric}={summary['best'][spec.metric]}")
+    print(f"best checkpoint: {exported}  (aigc-ray serve --checkpoint {exported})")
+    if args.promote:  # the same gate and swap as `aigc-ray promote --model NAME --checkpoint BEST`
+        from aigc_ray.serving.promote import PromoteRequest, promote
+
+        # a re-scoring (the served card on other blocks) reads the sweep's prepared corpus
+        return promote(PromoteRequest(model=args.promote, candidate=exported, address=args.address,
+                                      data_root=spec.base_config().data.data_root))
+    return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

@@ -49,3 +49,48 @@ def test_the_smoke_sweep_lists_its_trials_and_exports_a_best_that_serves_as_is(s
     text = pipe.complete("def ", settings)
     assert text and pipe.complete("def ", settings) == text
     assert pipe.complete("def ", SamplingSettings(max_new_tokens=24, temperature=1.0, seed=6)) != text
+
+
+def test_the_exported_best_goes_through_the_text_promote_gate(smoke_sweep, capsys):
+    """Its card pairs with a served text card block by block: against itself the gate refuses (no gain)."""
+    out, _, _ = smoke_sweep
+    best = str(out / "best")
+    assert main(["promote", "--model", "text", "--checkpoint", best, "--served", best, "--gate-only"]) == 1
+    assert "REFUSED" in capsys.readouterr().out
+
+
+# ---- the flags without Ray -------------------------------------------------------------------------------
+
+def _fake_sweep(monkeypatch, exported):
+    """run_text_sweep replaced by its outcome; returns the keyword arguments it was called with."""
+    from aigc_ray.tuning import text_sweep
+
+    calls = {}
+    best = {"trial": "t1", "val_bpb": 2.5}
+
+    def run(spec, **kwargs):
+        calls.update(kwargs)
+        return {"trials": [{"trial": "t1", "config": {}, "epochs": 2, "val_bpb": 2.5, "best_epoch": 2, "error": None}],
+                "interrupted": False, "best": best if exported else None, "exported": exported}
+
+    monkeypatch.setattr(text_sweep, "run_text_sweep", run)
+    return calls
+
+
+def test_promote_hands_the_exported_best_to_the_promote_gate(monkeypatch, capsys):
+    from aigc_ray.serving import promote
+
+    requests = []
+    monkeypatch.setattr(promote, "promote", lambda req: requests.append(req) or 1)  # 1: the gate refused
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    _fake_sweep(monkeypatch, "/runs/tune/best")
+    assert main(["tune", "--spec", SPEC, "--smoke-test", "--promote", "text"]) == 2
+    assert "--promote: the sweep must run on the Ray cluster" in capsys.readouterr().err
+    calls = _fake_sweep(monkeypatch, "/runs/tune/best")
+    assert main(["tune", "--spec", SPEC, "--smoke-test", "--address", "auto", "--promote", "text"]) == 1
+    (req,) = requests
+    assert (req.model, req.candidate, req.address) == ("text", "/runs/tune/best", "auto") and calls["address"] == "auto"
+    assert req.data_root == load_text_spec(SPEC, smoke=True).base_config().data.data_root
+    _fake_sweep(monkeypatch, None)  # no trial scored: nothing to promote
+    assert main(["tune", "--spec", SPEC, "--smoke-test", "--address", "auto", "--promote", "text"]) == 1
+    assert len(requests) == 1
