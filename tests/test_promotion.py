@@ -326,7 +326,6 @@ def test_cli_promote_text_bad_input(tmp_path, capsys):
     assert "is an image model" in err and "serves a text model" in err
     assert "metric: a text model is judged on val_bpb" in fails("--checkpoint", better, "--served", served,
                                                                "--metric", "fid")
-    assert "canary:" in fails("--checkpoint", better, "--served", served, "--canary", "10")
     other = _text_ckpt(tmp_path, "other", BLOCKS, block_size=32)
     err = fails("--checkpoint", other, "--served", served, "--no-rescore")
     assert "block_size: served 16 vs candidate 32" in err

@@ -201,3 +201,53 @@ def test_the_http_client_prints_the_stream(server):
                          capture_output=True, text=True, timeout=60, env={**os.environ, "AIGC_API_TOKEN": TOKEN})
     assert out.returncode == 0, out.stderr
     assert out.stdout and "20 tokens" in out.stderr and "AI-generated: true" in out.stderr
+
+
+def test_a_text_canary_gets_its_share_streams_included_and_rolls_back(server, text_run, tmp_path, capsys):
+    """Runs last in the module (it changes what is served): `promote --canary` of a text candidate (the served
+    checkpoint with other weights, its card claiming better bits/byte) sends its share of /v1/complete, plain
+    and streamed, to the candidate; --rollback sends everything back to the current version."""
+    import shutil
+    from collections import Counter
+
+    from safetensors.torch import load_file, save_file
+
+    from aigc_ray.cli import main as cli_main
+    from aigc_ray.models.text_checkpoint import text_model_version
+
+    served = text_run[1].checkpoint
+    better = tmp_path / "better"
+    shutil.copytree(served, better)
+    weights = load_file(str(better / "model.safetensors"))
+    save_file({k: v + 1e-3 if v.is_floating_point() else v for k, v in weights.items()}, str(better / "model.safetensors"))
+    card = json.loads((better / "card.json").read_text())
+    card["metrics"] = {k: v * 0.8 for k, v in card["metrics"].items()}
+    card["per_block"]["val_bpb"] = [b * 0.8 for b in card["per_block"]["val_bpb"]]
+    (better / "card.json").write_text(json.dumps(card))
+    old, new = text_model_version(served), text_model_version(better)
+
+    assert cli_main(["promote", "--model", "text", "--checkpoint", str(better), "--served", served,
+                     "--canary", "50"]) == 0
+    assert "serves 50% of text's requests" in capsys.readouterr().out
+    body = {"prompt": "def ", "max_new_tokens": 4, "temperature": 1.0}
+    # the ingress reads the canary's record within half a second: from the candidate's first answer on, it
+    # gets every other request (50%)
+    wait_until(lambda: server.post("/v1/complete", json=body).json()["model_version"] == new, 30,
+               "a completion from the candidate", poll_s=0.05)
+    plain = [server.post("/v1/complete", json={**body, "seed": i}) for i in range(12)]
+    assert all(r.status_code == 200 for r in plain), [r.text for r in plain if r.status_code != 200][:2]
+    streamed = []
+    for i in range(4):
+        with server.stream("POST", "/v1/complete", json={**body, "seed": i, "stream": True}) as r:
+            assert r.status_code == 200
+            streamed.append(_events(r.read().decode())[0][1]["model_version"])  # the header names the version
+    versions = Counter([r.json()["model_version"] for r in plain] + streamed)
+    assert set(versions) == {old, new} and versions[new] == 8, versions  # every other request: 8 of 16
+    status = next(m for m in server.get("/v1/models").json()["models"] if m["name"] == "text")["canary"]
+    assert status["state"] == "running" and status["version"] == new and status["requests"] >= 9
+    assert status["errors"] == 0
+
+    assert cli_main(["promote", "--model", "text", "--rollback"]) == 0
+    after = {server.post("/v1/complete", json={**body, "seed": i}).json()["model_version"] for i in range(6)}
+    assert after == {old}
+    assert next(m for m in server.get("/v1/models").json()["models"] if m["name"] == "text")["canary"] is None

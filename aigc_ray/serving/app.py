@@ -323,21 +323,44 @@ class Ingress(GrpcMethods):
 
     async def _complete_start(self, body: CompleteBody) -> tuple[dict, Any]:
         """Check the request against the deployment's limits, start the model's token stream and wait for its
-        header (errors then are still a plain 4xx/503): (header, the rest of the stream)."""
+        header (errors then are still a plain 4xx/503): (header, the rest of the stream). A canary's share goes
+        to its candidate, as in _call: a candidate that cannot start the stream within its time bound failed
+        that request, and the current version answers it."""
         name, handle = await self._handle(body.model, "complete")
         error = limit_error(body, self.options.max_prompt_chars, self.options.max_new_tokens)
         if error:
             raise BadRequest(error)
         settings = settings_of(body)
+        await self.canaries.refresh()
+        role, candidate = self.canaries.pick(name)
+        if candidate is not None:
+            try:
+                return await asyncio.wait_for(self._start_version(name, "canary", candidate, body.prompt, settings),
+                                              min(self.canaries.timeout_s(name), self.options.request_timeout_s))
+            except BadRequest:
+                raise
+            except Exception as err:
+                logger.warning("model %s: the candidate failed to start a completion (%s); answered by the current "
+                               "version", name, type(err).__name__)
+        return await self._start_version(name, "current", handle, body.prompt, settings)
+
+    async def _start_version(self, name: str, role: str, handle: "DeploymentHandle | LocalModel", prompt: str,
+                             settings: dict) -> tuple[dict, Any]:
+        """One version's token stream, started: counted for the canary verdict once its header came (or not). A
+        stream that fails after its header has sent text already: the client sees that, no other version can
+        answer it instead."""
+        started = time.perf_counter()
         if isinstance(handle, LocalModel):
-            stream = handle.stream("complete_stream", body.prompt, settings)
+            stream = handle.stream("complete_stream", prompt, settings)
         else:
-            stream = handle.options(stream=True).complete_stream.remote(body.prompt, settings)
+            stream = handle.options(stream=True).complete_stream.remote(prompt, settings)
         try:
             header = await self._next_item(stream)
-        except BaseException:
+        except BaseException as err:
             await close_stream(stream)
+            self.canaries.count(name, role, None, isinstance(err, BadRequest), started)  # a bad request: not its fault
             raise
+        self.canaries.count(name, role, header.get("model_version"), True, started)
         return header, stream
 
     async def _next_item(self, stream) -> dict:

@@ -120,9 +120,6 @@ def text_gate(req: PromoteRequest, current: dict, card: dict, served_interface: 
     if req.metric not in (None, pr.TEXT_METRIC):
         raise pr.PromotionError(f"metric: a text model is judged on {pr.TEXT_METRIC} (validation bits/byte), "
                                 f"not {req.metric!r}; leave --metric out")
-    if req.canary is not None:  # /v1/complete goes straight to the named model, not through the canary router
-        raise pr.PromotionError("canary: text completions are not routed to canaries; promote a text model in "
-                                "place (leave out --canary)")
     changed = [(f, a, b) for f, a, b in ((f, served_interface.get(f), interface.get(f)) for f in
                                          pr.TEXT_INTERFACE_FIELDS) if a != b]
     if changed:
