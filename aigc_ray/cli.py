@@ -150,19 +150,23 @@ def _tune_text(args: argparse.Namespace) -> int:
 
     from aigc_ray.tuning.text_sweep import load_text_spec, run_text_sweep
 
-    for flag in ("resume", "storage_path"):
-        if getattr(args, flag):
-            raise ValueError(f"--{flag.replace('_', '-')}: not available for a text sweep yet")
     spec = load_text_spec(args.spec, smoke=args.smoke_test, num_samples=args.num_samples)
     if args.metric:
         spec = dataclasses.replace(spec, metric=args.metric)
     if args.dry_run:
         print(yaml.safe_dump(dataclasses.asdict(spec), sort_keys=False))
         return 0
-    summary = run_text_sweep(spec, out=args.out, address=args.address)
+    summary = run_text_sweep(spec, out=args.out, storage_path=args.storage_path, resume=args.resume,
+                             address=args.address)
     for row in summary["trials"]:
         print(f"{row['trial']}: {row['config']} epochs={row['epochs']} best {spec.metric}={row[spec.metric]} "
               f"(epoch {row['best_epoch']})" + (f" FAILED: {row['error']}" if row["error"] else ""))
+    if summary["interrupted"]:
+        print(f"sweep interrupted; continue it with: aigc-ray tune --spec {args.spec} --resume"
+              + (" --smoke-test" if args.smoke_test else "")
+              + (f" --num-samples {args.num_samples}" if args.num_samples else "") + f" --out {args.out}"
+              + (f" --storage-path {args.storage_path}" if args.storage_path else ""), file=sys.stderr)
+        return 130
     exported = summary["exported"]
     if not exported:
         return 1

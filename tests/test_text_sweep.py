@@ -1,6 +1,7 @@
 """Text sweeps: the shipped spec's smoke variant run for real through `aigc-ray tune` on the session Ray, its
 exported best loaded and completed as the server does; the flags' wiring and refusals without Ray."""
 
+import dataclasses
 import io
 import json
 import re
@@ -59,6 +60,18 @@ def test_the_exported_best_goes_through_the_text_promote_gate(smoke_sweep, capsy
     assert "REFUSED" in capsys.readouterr().out
 
 
+def test_resume_keeps_the_finished_trials_and_exports_the_same_best(smoke_sweep, capsys):
+    out, _, _ = smoke_sweep
+    before = json.loads((out / "summary.json").read_text())
+    reports = {p.name: p.read_text() for p in (out / "gpt-asha" / "history").iterdir()}  # every report of each trial
+    assert len(reports) == len(before["trials"])
+    assert main(["tune", "--spec", SPEC, "--smoke-test", "--out", str(out), "--resume"]) == 0
+    after = json.loads((out / "summary.json").read_text())
+    assert after["trials"] == before["trials"] and after["best"] == before["best"] and not after["interrupted"]
+    assert {p.name: p.read_text() for p in (out / "gpt-asha" / "history").iterdir()} == reports  # nothing retrained
+    assert f"best checkpoint: {out / 'best'}" in capsys.readouterr().out
+
+
 # ---- the flags without Ray -------------------------------------------------------------------------------
 
 def _fake_sweep(monkeypatch, exported):
@@ -94,3 +107,43 @@ def test_promote_hands_the_exported_best_to_the_promote_gate(monkeypatch, capsys
     _fake_sweep(monkeypatch, None)  # no trial scored: nothing to promote
     assert main(["tune", "--spec", SPEC, "--smoke-test", "--address", "auto", "--promote", "text"]) == 1
     assert len(requests) == 1
+
+
+def test_storage_path_and_resume_reach_the_sweep(monkeypatch):
+    calls = _fake_sweep(monkeypatch, "/runs/tune/best")
+    assert main(["tune", "--spec", SPEC, "--smoke-test", "--storage-path", "s3://bucket/sweeps", "--resume"]) == 0
+    assert calls["storage_path"] == "s3://bucket/sweeps" and calls["resume"] is True
+
+
+def test_resume_and_a_second_start_are_refused_naming_the_flag(tmp_path, capsys):
+    from aigc_ray import storage
+    from aigc_ray.tuning.text_sweep import SPEC_FILE
+
+    out = tmp_path / "tune"
+    assert main(["tune", "--spec", SPEC, "--smoke-test", "--out", str(out), "--resume"]) == 2
+    assert f"--resume: no text sweep to resume at {out / 'gpt-asha'}" in capsys.readouterr().err
+    experiment = out / "gpt-asha"
+    experiment.mkdir(parents=True)
+    (experiment / "tuner.pkl").write_bytes(b"")  # a sweep was started here
+    assert main(["tune", "--spec", SPEC, "--smoke-test", "--out", str(out)]) == 2
+    assert "already exists" in capsys.readouterr().err
+    started = dataclasses.asdict(load_text_spec(SPEC, smoke=True)) | {"epochs": 7}  # started with other epochs
+    storage.write_json(str(experiment / SPEC_FILE), started)
+    assert main(["tune", "--spec", SPEC, "--smoke-test", "--out", str(out), "--resume"]) == 2
+    assert "was started from another spec (differs in: epochs)" in capsys.readouterr().err
+    assert main(["tune", "--spec", SPEC, "--smoke-test", "--out", "s3://bucket/out"]) == 2
+    assert "--out s3://bucket/out: a local directory" in capsys.readouterr().err
+
+
+def test_a_bad_scheduler_key_is_named(tmp_path):
+    from aigc_ray.config import ConfigError
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("modality: text\nname: x\nbase: gpt-stdlib\nspace: {train.lr: {choice: [0.001]}}\n"
+                   "scheduler: {grace_period: 1, reduction_factr: 2}\n")
+    with pytest.raises(ConfigError, match="scheduler: ASHA's keys are"):
+        load_text_spec(str(bad))
+    bad.write_text("modality: text\nname: x\nbase: gpt-stdlib\nspace: {train.lr: {choice: [0.001]}}\n"
+                   "scheduler: {grace_period: 0}\n")
+    with pytest.raises(ConfigError, match="scheduler.grace_period=0: an integer >= 1"):
+        load_text_spec(str(bad))
