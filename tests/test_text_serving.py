@@ -84,7 +84,8 @@ def server(ray_session, trained_checkpoint, text_run, tmp_path_factory):
     # the image model runs in the ingress, the text model in its own deployment (reached through a handle)
     app.deploy({"checkpoints": [f"gan={trained_checkpoint}", f"text={text_run[1].checkpoint}"],
                 "max_new_tokens": MAX_NEW_TOKENS, "max_prompt_chars": MAX_PROMPT, "min_replicas": 1,
-                "max_replicas": 1, "replica_cpus": 0.5, "api_token_file": str(token_file)})
+                "max_replicas": 1, "replica_cpus": 0.5, "api_token_file": str(token_file),
+                "max_ongoing_requests": 2, "max_queued_requests": 2})  # small, so a burst overloads the text model
     with httpx.Client(base_url=f"http://127.0.0.1:{http_port}", timeout=60,
                       headers={"authorization": f"Bearer {TOKEN}"}) as client:
         yield client
@@ -165,6 +166,28 @@ def test_a_client_that_disconnects_stops_its_generation(server):
     wait_until(lambda: streams()["cancelled"] > before["cancelled"] and streams()["active"] == 0, timeout_s=20,
                what="the disconnected stream to stop")
     assert streams()["tokens"] - before["tokens"] < MAX_NEW_TOKENS
+
+
+def test_a_burst_of_completions_is_shed_with_503_and_retry_after(server):
+    """The text model takes 2 completions at a time and queues 2 more: of 24 streams at once, the rest are refused
+    at once (503, Retry-After, the field named), never a 500 or a hang; afterwards it answers again."""
+    import asyncio
+
+    body = {"prompt": "def ", "max_new_tokens": 300, "temperature": 1.0, "stream": True}
+
+    async def burst():
+        async with httpx.AsyncClient(base_url=str(server.base_url), headers=server.headers, timeout=60,
+                                     limits=httpx.Limits(max_connections=32)) as client:
+            return await asyncio.gather(*(client.post("/v1/complete", json={**body, "seed": i}) for i in range(24)))
+
+    answers = asyncio.run(burst())
+    assert {r.status_code for r in answers} <= {200, 503}, [r.text for r in answers if r.status_code not in (200, 503)]
+    shed = [r for r in answers if r.status_code == 503]
+    assert shed and len(shed) < len(answers), [r.status_code for r in answers]
+    assert all(r.headers.get("retry-after") for r in shed) and "model: overloaded" in shed[0].json()["error"]
+    done = [r for r in answers if r.status_code == 200]
+    assert all(_events(r.text)[-1][0] == "done" for r in done)  # a stream that was taken ran to its end
+    assert server.post("/v1/complete", json={**body, "stream": False}).status_code == 200
 
 
 def test_grpc_complete_streams_the_same_text_and_refuses_bad_input(server):

@@ -14,6 +14,7 @@ A client that disconnects cancels its stream: no further token is computed.
 
 # No `from __future__ import annotations` (Serve re-binds the routes; see options.py).
 import asyncio
+import contextlib
 import json
 import secrets
 from typing import Annotated, Any
@@ -146,11 +147,15 @@ async def token_stream(pipe, name: str, prompt: str, settings: dict, counters: d
 
 
 async def close_stream(stream) -> None:
-    """End a model's token stream early: an in-process async generator is closed, a handle's is cancelled."""
+    """End a model's token stream early: an in-process async generator is closed, a handle's is cancelled. A
+    handle's stream that failed already (refused by the model's queue bound, its replica gone) has nothing left
+    to stop, and Serve's cancel() raises that failure again: the caller has it in hand already (it made a 503 of
+    a refusal), so here it would only turn into a 500."""
     if hasattr(stream, "aclose"):
         await stream.aclose()
     elif hasattr(stream, "cancel"):
-        stream.cancel()
+        with contextlib.suppress(Exception):
+            stream.cancel()
 
 
 def sse(event: dict[str, Any], kind: str | None = None) -> bytes:
