@@ -134,7 +134,7 @@ def test_a_worse_candidate_is_refused_and_nothing_changes(app, capsys):
 def test_a_canary_gets_its_share_and_rolls_back_without_losing_a_request(app, capsys):
     assert cli_main(["promote", "--model", "gan", "--checkpoint", app["ckpt"]["better"], "--canary", "10"]) == 0
     assert "serves 10% of gan's requests" in capsys.readouterr().out
-    responses = _load(app["url"], 400)
+    responses = _load(app["url"], 200)
     assert {s for s, _ in responses} == {200}
     versions = Counter(v for _, v in responses)
     assert set(versions) == {app["version"]["served"], app["version"]["better"]}
@@ -142,7 +142,7 @@ def test_a_canary_gets_its_share_and_rolls_back_without_losing_a_request(app, ca
     assert 0.05 <= share <= 0.15, versions
     status = _served(app["http"])["canary"]
     assert status["state"] == "running" and status["version"] == app["version"]["better"] and status["percent"] == 10
-    assert status["requests"] >= 35 and status["errors"] == 0
+    assert status["requests"] >= 15 and status["errors"] == 0
     print(f"canary share {share:.3f} of {len(responses)}")
 
     code, during = _during(app, ["--rollback"])
