@@ -47,6 +47,7 @@ class OnnxTextModel:
         self.state_shapes = json.loads(self.meta["state_shapes"])
         self.max_context = int(self.meta["max_context"]) if self.meta["max_context"] else None
         self.empty_prompt = json.loads(self.meta["empty_prompt"])
+        self.takes_position = "position" in {i.name for i in self.session.get_inputs()}
 
     def empty_state(self, batch: int = 1) -> list[np.ndarray]:
         return [np.zeros([batch if d == -1 else d for d in self.state_shapes[n]], np.float32) for n in self.state_inputs]
@@ -54,7 +55,7 @@ class OnnxTextModel:
     def step(self, tokens, state: list[np.ndarray], position: int) -> tuple[np.ndarray, list[np.ndarray]]:
         """Feed `tokens` (B, T) after `position` cached positions: (logits (B, T, vocab), the new state)."""
         feed = {"tokens": np.asarray(tokens, dtype=np.int64)}
-        if self.family == "gpt":
+        if self.takes_position:  # a Transformer's step: how many positions its cache holds
             feed["position"] = np.array([position], dtype=np.int64)
         feed |= dict(zip(self.state_inputs, state))
         logits, *new_state = self.session.run(["logits", *self.state_outputs], feed)

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from aigc_ray.models.text_registry import TextFamily, register_text
+from aigc_ray.models.text_registry import StepGraph, TextFamily, register_text
 
 POSITIONS = ("learned", "rotary")
 
@@ -136,6 +136,52 @@ class GPT(nn.Module):
         return logits, (new_state if use_cache else None)
 
 
+class GPTStep(nn.Module):
+    """One decoding step of a GPT with its keys/values as plain tensors in and out, and an explicit attention
+    mask, so one traced graph serves the prefill (P = 0 cached, T = prompt) and each later step (T = 1): GPT's
+    own forward picks its attention call by Python branches on the shapes, which tracing would freeze to the
+    one branch of the example.
+
+        tokens (B, T), position (1,) = positions already cached, past_key_i / past_value_i (B, H, P, D)
+        -> logits (B, T, vocab), present_key_i / present_value_i (B, H, P + T, D)
+    """
+
+    def __init__(self, gpt: GPT):
+        super().__init__()
+        self.gpt = gpt  # registered, so the exporter sees its weights
+
+    def forward(self, tokens: torch.Tensor, position: torch.Tensor, *past: torch.Tensor):
+        g = self.gpt
+        T = tokens.shape[1]
+        pos = position + torch.arange(T, device=tokens.device)  # (T,): the absolute positions fed now
+        x = g.tok(tokens)
+        rope = (g.cos[pos], g.sin[pos]) if g.rotary else None
+        if not g.rotary:
+            x = x + g.pos(pos)
+        presents = []
+        for i, block in enumerate(g.blocks):
+            a, k, v = _attend_after(block.attn, block.ln1(x), rope, past[2 * i], past[2 * i + 1])
+            x = x + a
+            x = x + block.mlp(block.ln2(x))
+            presents += [k, v]
+        logits = F.linear(g.ln_f(x), g.tok.weight)  # the tied head, as in GPT.forward
+        return (logits, *presents)
+
+
+def _attend_after(attn: CausalSelfAttention, x: torch.Tensor, rope, past_k: torch.Tensor, past_v: torch.Tensor):
+    """CausalSelfAttention.forward for any number of new positions after any number of cached ones."""
+    B, T, C = x.shape
+    q, k, v = (t.view(B, T, attn.heads, C // attn.heads).transpose(1, 2) for t in attn.qkv(x).split(C, dim=2))
+    if rope is not None:
+        q, k = _rotate(q, *rope), _rotate(k, *rope)
+    k, v = torch.cat((past_k, k), dim=2), torch.cat((past_v, v), dim=2)
+    total = k.shape[2]
+    # new position i (absolute total - T + i) sees every key up to itself
+    mask = torch.arange(total, device=x.device)[None, :] <= (total - T) + torch.arange(T, device=x.device)[:, None]
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return attn.proj(y.transpose(1, 2).reshape(B, T, C)), k, v
+
+
 @register_text
 class GPTFamily(TextFamily):
     name = "gpt"
@@ -145,6 +191,18 @@ class GPTFamily(TextFamily):
     def build(self, cfg) -> nn.Module:
         o = cfg.opts
         return GPT(cfg.vocab_size, cfg.block_size, cfg.width, cfg.depth, o.heads, cfg.dropout, o.positions)
+
+    def step_graph(self, net: GPT) -> StepGraph:
+        depth, attn, width = len(net.blocks), net.blocks[0].attn, net.tok.weight.shape[1]
+        head = width // attn.heads
+        state_in = [f"past_{kind}_{i}" for i in range(depth) for kind in ("key", "value")]
+        state_out = [f"present_{kind}_{i}" for i in range(depth) for kind in ("key", "value")]
+        example = (torch.randint(0, net.vocab_size, (1, 2)), torch.tensor([3]),
+                   *(torch.randn(1, attn.heads, 3, head) for _ in state_in))
+        axes = {"tokens": {0: "batch", 1: "tokens"}, "logits": {0: "batch", 1: "tokens"}}
+        axes |= {n: {0: "batch", 2: "past"} for n in state_in} | {n: {0: "batch", 2: "total"} for n in state_out}
+        return StepGraph(GPTStep(net), example, ["tokens", "position", *state_in], ["logits", *state_out], axes,
+                         {n: [-1, attn.heads, 0, head] for n in state_in})
 
     def check(self, cfg) -> None:
         if cfg.width % cfg.opts.heads:

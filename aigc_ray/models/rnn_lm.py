@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from aigc_ray.models.text_registry import TextFamily, register_text
+from aigc_ray.models.text_registry import StepGraph, TextFamily, register_text
 
 CELLS = ("gru", "lstm")
 
@@ -48,6 +48,20 @@ class RNNLM(nn.Module):
         return logits, (new_state if use_cache else None)
 
 
+class RNNStep(nn.Module):
+    """One decoding step of an RNNLM with its state as plain tensors in and out:
+    tokens (B, T), hidden (depth, B, W) [, cell] -> logits (B, T, vocab), hidden_out [, cell_out]."""
+
+    def __init__(self, net: RNNLM):
+        super().__init__()
+        self.net = net
+        self.lstm = isinstance(net.rnn, nn.LSTM)
+
+    def forward(self, tokens: torch.Tensor, hidden: torch.Tensor, cell: torch.Tensor | None = None):
+        logits, state = self.net(tokens, (hidden, cell) if self.lstm else hidden, use_cache=True)
+        return (logits, *state) if self.lstm else (logits, state)
+
+
 @register_text
 class RNNFamily(TextFamily):
     name = "rnn-lm"
@@ -56,6 +70,17 @@ class RNNFamily(TextFamily):
 
     def build(self, cfg) -> nn.Module:
         return RNNLM(cfg.vocab_size, cfg.width, cfg.depth, cfg.dropout, cfg.opts.cell)
+
+    def step_graph(self, net: RNNLM) -> StepGraph:
+        rnn = net.rnn
+        state_in = ["hidden", "cell"] if isinstance(rnn, nn.LSTM) else ["hidden"]
+        state_out = [f"{n}_out" for n in state_in]
+        example = (torch.randint(0, net.vocab_size, (1, 2)),
+                   *(torch.zeros(rnn.num_layers, 1, rnn.hidden_size) for _ in state_in))
+        axes = {"tokens": {0: "batch", 1: "tokens"}, "logits": {0: "batch", 1: "tokens"}}
+        axes |= {n: {1: "batch"} for n in state_in + state_out}
+        return StepGraph(RNNStep(net), example, ["tokens", *state_in], ["logits", *state_out], axes,
+                         {n: [rnn.num_layers, -1, rnn.hidden_size] for n in state_in})
 
     def check(self, cfg) -> None:
         pass

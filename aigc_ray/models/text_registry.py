@@ -22,8 +22,28 @@ from typing import ClassVar
 from torch import nn
 
 
+@dataclasses.dataclass
+class StepGraph:
+    """One decoding step of a network with its state as plain tensors in and out, for tracing to ONNX
+    (aigc_ray/text_export.py): the module, example inputs (batch 1, 2 new positions after 3 cached), the input
+    and output names (``tokens`` first in, ``logits`` first out; a ``position`` input when the step needs the
+    count of cached positions), dynamic axes, and per state input the shape of an empty state (-1 for the
+    batch, 0 for the cached positions)."""
+
+    module: nn.Module
+    example: tuple
+    inputs: list[str]
+    outputs: list[str]
+    axes: dict
+    state_shapes: dict[str, list[int]]
+
+    @property
+    def state_inputs(self) -> list[str]:
+        return [n for n in self.inputs if n not in ("tokens", "position")]
+
+
 class TextFamily:
-    """Subclass, set the class attributes, implement ``build``."""
+    """Subclass, set the class attributes, implement ``build`` (and ``step_graph`` for an ONNX export)."""
 
     name: ClassVar[str]
     summary: ClassVar[str]
@@ -39,6 +59,9 @@ class TextFamily:
 
     def check(self, model_cfg) -> None:
         """Raise ValueError for settings valid one by one but not together."""
+
+    def step_graph(self, net: nn.Module) -> StepGraph:
+        raise ValueError(f"model.family: no ONNX step graph for text family {self.name!r}")
 
 
 _TEXT_FAMILIES: dict[str, TextFamily] = {}
