@@ -11,8 +11,9 @@ text checkpoints over). The step graph is what a decoder calls once per new posi
             -> logits float32 (B, T, 256), hidden_out [, cell_out]
 
 Each family's step module, names, example and empty state are its registered object's ``step_graph``
-(aigc_ray/models/gpt.py, rnn_lm.py); this module writes whichever it is given. B, T and P are dynamic axes; a gpt's position + T must stay within its block size (max_context in the
-metadata: the position tables end there, as in the model), which the runner keeps by rebuilding its cache.
+(aigc_ray/models/gpt.py, rnn_lm.py); this module writes whichever it is given. B, T and P are dynamic axes;
+a gpt's position + T must stay within its block size (max_context in the metadata: the position tables end
+there, as in the model), which the runner keeps by rebuilding its cache.
 The vocabulary and the model config travel in the ONNX metadata_props (JSON
 strings), beside the model version, the quality card, the state's input/output names and the decoding rules
 the runner must follow to give the server's tokens (the context limit and how the cache is rebuilt at it,
