@@ -255,21 +255,26 @@ class Ingress(GrpcMethods):
         if n > self.options.max_num_images:
             raise BadRequest(f"{field}: {n} exceeds the limit of {self.options.max_num_images} images per request")
 
-    async def _call(self, name: str, handle: DeploymentHandle, method: str, *args) -> dict:
-        """Call model `name` (its candidate for a canary's share of requests; what the candidate fails is
-        counted against it and served by the current version)."""
+    async def _routed(self, name: str, handle: "DeploymentHandle | LocalModel", run):
+        """`run(role, handle)` on model `name`'s candidate for a canary's share of requests, else on its current
+        version. What the candidate fails, or does not do within its time bound, is counted against it (`run`
+        counts) and done again by the current version."""
         await self.canaries.refresh()
         role, candidate = self.canaries.pick(name)
         if candidate is not None:
-            try:  # a candidate that does not answer in its time bound failed that request
-                return await asyncio.wait_for(self._call_version(name, "canary", candidate, method, *args),
+            try:
+                return await asyncio.wait_for(run("canary", candidate),
                                               min(self.canaries.timeout_s(name), self.options.request_timeout_s))
             except BadRequest:
                 raise
             except Exception as err:
                 logger.warning("model %s: the candidate failed (%s); answered by the current version", name,
                                type(err).__name__)
-        return await self._call_version(name, "current", handle, method, *args)
+        return await run("current", handle)
+
+    async def _call(self, name: str, handle: DeploymentHandle, method: str, *args) -> dict:
+        """Call model `name` (or its canary's candidate, _routed)."""
+        return await self._routed(name, handle, lambda role, h: self._call_version(name, role, h, method, *args))
 
     async def _call_version(self, name: str, role: str, handle: DeploymentHandle, method: str, *args) -> dict:
         started = time.perf_counter()
@@ -324,25 +329,15 @@ class Ingress(GrpcMethods):
     async def _complete_start(self, body: CompleteBody) -> tuple[dict, Any]:
         """Check the request against the deployment's limits, start the model's token stream and wait for its
         header (errors then are still a plain 4xx/503): (header, the rest of the stream). A canary's share goes
-        to its candidate, as in _call: a candidate that cannot start the stream within its time bound failed
-        that request, and the current version answers it."""
+        to its candidate (_routed): one that cannot start the stream within its time bound failed that request,
+        and the current version answers it."""
         name, handle = await self._handle(body.model, "complete")
         error = limit_error(body, self.options.max_prompt_chars, self.options.max_new_tokens)
         if error:
             raise BadRequest(error)
         settings = settings_of(body)
-        await self.canaries.refresh()
-        role, candidate = self.canaries.pick(name)
-        if candidate is not None:
-            try:
-                return await asyncio.wait_for(self._start_version(name, "canary", candidate, body.prompt, settings),
-                                              min(self.canaries.timeout_s(name), self.options.request_timeout_s))
-            except BadRequest:
-                raise
-            except Exception as err:
-                logger.warning("model %s: the candidate failed to start a completion (%s); answered by the current "
-                               "version", name, type(err).__name__)
-        return await self._start_version(name, "current", handle, body.prompt, settings)
+        return await self._routed(name, handle,
+                                  lambda role, h: self._start_version(name, role, h, body.prompt, settings))
 
     async def _start_version(self, name: str, role: str, handle: "DeploymentHandle | LocalModel", prompt: str,
                              settings: dict) -> tuple[dict, Any]:
