@@ -29,6 +29,12 @@ def resolve(path: str) -> str:
     return str(path) if is_uri(path) else str(Path(path).expanduser().resolve())
 
 
+def in_scheme_of(base: str, path: str) -> str:
+    """A path Ray gives inside its filesystem ("bucket/run/ckpt" on s3) as a URI of ``base``'s scheme; a path
+    under a local ``base``, or one that is a URI already, unchanged."""
+    return f"{base.split('://')[0]}://{path}" if is_uri(base) and not is_uri(path) else path
+
+
 def join(base: str, *parts: str) -> str:
     return "/".join([base.rstrip("/"), *parts]) if is_uri(base) else str(Path(base, *parts))
 

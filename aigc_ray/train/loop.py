@@ -476,11 +476,9 @@ def run_training(cfg: ExperimentConfig, *, address: str | None = None) -> Traini
         print(f"warning: no checkpoint of {cfg.run_name} was evaluated; naming the latest", file=sys.stderr)
     chosen, best_metrics = best or (final, {})
 
-    def uri(path: str) -> str:  # Ray gives the path inside its filesystem ("bucket/run/ckpt" on s3)
-        return f"{run_dir.split('://')[0]}://{path}" if storage.is_uri(run_dir) else path
-
-    return TrainingOutcome(checkpoint=uri(chosen.path), run_dir=run_dir, metrics=dict(result.metrics or {}),
-                           latest=uri(final.path), best_metrics=dict(best_metrics))
+    return TrainingOutcome(checkpoint=storage.in_scheme_of(run_dir, chosen.path), run_dir=run_dir,
+                           metrics=dict(result.metrics or {}),
+                           latest=storage.in_scheme_of(run_dir, final.path), best_metrics=dict(best_metrics))
 
 
 def _say_what_runs(cfg: ExperimentConfig, trainer: TorchTrainer) -> None:

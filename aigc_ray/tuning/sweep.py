@@ -274,8 +274,7 @@ def _row(spec: SweepSpec, result, root: str, history_dir: str) -> TrialRow:
         checkpoint = top.get("checkpoint_path") if isinstance(top.get("checkpoint_path"), str) else None
     if spec.scheduler.type == "pbt" or checkpoint is None:
         checkpoint = _best_tune_checkpoint(result, spec) or checkpoint
-    if checkpoint and storage.is_uri(root) and not storage.is_uri(checkpoint):
-        checkpoint = f"{root.split('://')[0]}://{checkpoint}"  # Ray gives the path inside its filesystem
+    checkpoint = checkpoint and storage.in_scheme_of(root, checkpoint)
     status = "ERROR" if result.error else "TERMINATED"
     return TrialRow(trial_id=str(trial_id), params=dict((result.config or {}).get("space", {})), best=best_value,
                     epochs=epochs, scored_epochs=scored_epochs, stopped_early=scored_epochs < spec.epochs and not result.error,

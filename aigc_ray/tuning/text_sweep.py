@@ -237,8 +237,7 @@ def _row(spec: TextSweepSpec, result, root: str, history: str) -> dict:
     scored = [r for r in records if isinstance(r.get(spec.metric), (int, float)) and math.isfinite(r[spec.metric])]
     top = (min if spec.mode == "min" else max)(scored, key=lambda r: r[spec.metric]) if scored else {}
     checkpoint = top.get("checkpoint_path") if isinstance(top.get("checkpoint_path"), str) else None
-    if checkpoint and storage.is_uri(root) and not storage.is_uri(checkpoint):
-        checkpoint = f"{root.split('://')[0]}://{checkpoint}"  # Ray gives the path inside its filesystem
+    checkpoint = checkpoint and storage.in_scheme_of(root, checkpoint)
     return {"trial": trial_id, "config": (result.config or {}).get("space"),
             "epochs": max((int(r.get("epoch") or 0) for r in records), default=0), spec.metric: top.get(spec.metric),
             "best_epoch": top.get("epoch"), "checkpoint": checkpoint,
