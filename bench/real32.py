@@ -111,9 +111,15 @@ def score(best: str, root: Path, out: Path) -> dict:
     flat = _flatten(card)
     summary = {k: v for k, v in flat.items() if "fid" in k and isinstance(v, int | float)}  # card/1 or /2
     return {"eval": {"timing": timing, "card_format": card.get("format"), "summary": summary, "card": card},
-            "grids": (str(grids.resolve().relative_to(ROOT)) if grid_proc.returncode == 0
+            "grids": (_shown(grids) if grid_proc.returncode == 0
                       else f"failed: {grid_proc.stderr[-300:]}"),
             "grid_output": grid_proc.stdout.strip()[-500:]}
+
+
+def _shown(path: Path) -> str:
+    """The path relative to the repository when it lies inside (results kept under bench/results), else absolute."""
+    path = path.resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
 
 
 def _flatten(node, prefix: str = "") -> dict:

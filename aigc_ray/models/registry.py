@@ -14,6 +14,7 @@ Torch only: nothing here imports Ray (the config is duck-typed, so this file nee
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -103,6 +104,13 @@ class ModelFamily:
         families update D every batch and G every train.critic_steps). Returns detached scalar
         tensors named as in ``train_metrics`` (no device sync)."""
         raise NotImplementedError
+
+    def fit_to_data(self, model: nn.Module, batches: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]],
+                    all_reduce: Callable[[torch.Tensor], None]) -> None:
+        """Before each checkpoint: fit what the served ``model`` derives from the training data (a VAE's
+        sampling prior) to that model itself. ``batches()`` iterates this worker's shard as (uint8
+        (N, C, S, S), int64 (N,)); ``all_reduce`` sums a tensor over the workers in place (every worker
+        calls this at the same point). Default: nothing to fit."""
 
     # --- inference ----------------------------------------------------------------------
     def sample(self, model: nn.Module, z: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:

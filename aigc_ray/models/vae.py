@@ -22,6 +22,7 @@ RECON_LOSSES = ("bce", "mse", "sigma")
 MAX_MIXTURE_FLOATS = 2**25  # mix_outer and mix_scale, (C*K, d, d) each: 128 MiB apiece at most
 PRIORS = ("standard", "fitted", "mixture")
 PRIOR_MOMENTUM = 0.02  # per training batch: the fitted prior averages over the last ~50 batches
+PRIOR_REFIT_ITERATIONS = 10  # hard-EM passes over the shard's encodings when a checkpoint is written
 ADVERSARIAL_AUGMENT = ("translation",)  # what the adversarial term's discriminator sees real and fake through
 
 
@@ -192,6 +193,68 @@ class VAE(nn.Module):
         scale = self.mix_scale[component]  # (N, d, d)
         return mean + (scale @ z[:, :, None])[:, :, 0]
 
+    @torch.no_grad()
+    def refit_prior(self, batches, all_reduce=lambda t: None, iterations: int = PRIOR_REFIT_ITERATIONS) -> None:
+        """Refit the sampling prior (fitted or mixture) to this model's own encodings of the training
+        images: ``batches()`` yields (uint8 (N, C, S, S), int64 (N,)) of this worker's shard, and
+        ``all_reduce`` sums a tensor over the workers in place, so every worker ends with the same prior.
+
+        Why: the online estimate (``_track_*``) follows a moving encoder over its last ~50 batches, and
+        the EMA copy that is sampled averages those buffers again over its own window, so the prior
+        describes encoders that are not the sampled one. Here the mixture starts from the online means
+        and takes ``iterations`` hard-EM passes (each point to the nearest component of its class) on
+        the final encodings; no randomness, so a run stays deterministic."""
+        if not (self.fitted_prior or self.mixture_components):
+            return
+        was_training = self.training
+        self.eval()
+        mus, variances, classes = [], [], []
+        for images, labels in batches():
+            mu, logvar = self.encode(images.float() / 127.5 - 1)
+            mus.append(mu.float())
+            variances.append(logvar.float().exp())
+            classes.append(self._classes(labels if self.num_classes else None, mu))
+        self.train(was_training)
+        d = self.latent_dim
+        device = self.mix_count.device if self.mixture_components else self.prior_mean.device
+        mu = torch.cat(mus) if mus else torch.zeros(0, d, device=device)
+        var = torch.cat(variances) if variances else torch.zeros(0, d, device=device)
+        cls = torch.cat(classes) if classes else torch.zeros(0, dtype=torch.long, device=device)
+        if self.fitted_prior:
+            n, s1 = torch.tensor([float(len(mu))], device=device), mu.sum(0)
+            s2 = mu.T @ mu + torch.diag(var.sum(0))
+            for t in (n, s1, s2):
+                all_reduce(t)
+            if n.item() < 2:
+                return
+            mean = s1 / n
+            self.prior_mean.copy_(mean)
+            self.prior_cov.copy_(s2 / n - mean[:, None] * mean[None, :])
+            self._update_prior_scale()
+            return
+        k = self.mix_count.shape[0]
+        owner = torch.div(torch.arange(k, device=device), self.mixture_components, rounding_mode="floor")  # (K,)
+        foreign = 1e12 * (cls[:, None] != owner[None, :])  # (N, K): a point may join its own class's only
+        means = self.mix_sum / self.mix_count.clamp_min(1e-8)[:, None]  # (K, d): the online estimate
+        alive = self.mix_count > 1e-3
+        for _ in range(iterations + 1):
+            far = foreign + 1e12 * ~alive[None, :]
+            onehot = torch.nn.functional.one_hot((torch.cdist(mu, means) + far).argmin(1), k).float() \
+                if len(mu) else torch.zeros(0, k, device=device)  # (N, K)
+            n_k, s1 = onehot.sum(0), onehot.T @ mu
+            all_reduce(n_k)
+            all_reduce(s1)
+            alive = n_k > 0
+            means = torch.where(alive[:, None], s1 / n_k.clamp_min(1e-8)[:, None], means)
+        if not alive.any():
+            return  # no training images anywhere: keep the online estimate
+        s2 = torch.einsum("nk,ni,nj->kij", onehot, mu, mu) + torch.diag_embed(onehot.T @ var)  # (K, d, d)
+        all_reduce(s2)
+        self.mix_count.copy_(n_k)
+        self.mix_sum.copy_(s1)
+        self.mix_outer.copy_(s2)
+        self._update_mixture_scales()
+
     def forward(self, images: torch.Tensor, labels: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Return (reconstruction logits, mu, logvar); z is sampled by reparameterisation."""
@@ -212,16 +275,14 @@ class VAE(nn.Module):
         cov = centred.T @ centred / max(mu.shape[0] - 1, 1) + torch.diag(logvar.exp().mean(0))
         self.prior_mean.lerp_(mean, PRIOR_MOMENTUM)
         self.prior_cov.lerp_(cov, PRIOR_MOMENTUM)
-        eye = torch.eye(self.latent_dim, device=mu.device)
-        scale, info = torch.linalg.cholesky_ex(self.prior_cov + 1e-5 * eye)
-        self.prior_scale.copy_(torch.where(info == 0, scale, self.prior_scale))
+        self._update_prior_scale()
 
 
     @torch.no_grad()
     def _track_mixture(self, mu: torch.Tensor, logvar: torch.Tensor, labels: torch.Tensor | None = None) -> None:
         """One online hard-EM step on the batch's posterior means mu (N, d) [of classes labels (N,)]:
         each point goes to the nearest component of its own class. No host sync."""
-        k, d, n = self.mix_count.shape[0], self.latent_dim, mu.shape[0]
+        k, n = self.mix_count.shape[0], mu.shape[0]
         device = mu.device
         cls = self._classes(labels, mu)
         owner = torch.div(torch.arange(k, device=device), self.mixture_components, rounding_mode="floor")  # (K,)
@@ -243,12 +304,23 @@ class VAE(nn.Module):
         self.mix_count.mul_(keep).add_(n_k)
         self.mix_sum.mul_(keep).add_(s1)
         self.mix_outer.mul_(keep).add_(s2)
+        self._update_mixture_scales()
+
+    def _update_mixture_scales(self) -> None:
+        """Each component's Cholesky factor from its count, sum and outer-product sum (a failed
+        factorisation keeps the old one; no host sync)."""
         count = self.mix_count.clamp_min(1e-8)
         mean = self.mix_sum / count[:, None]
         cov = self.mix_outer / count[:, None, None] - mean[:, :, None] * mean[:, None, :]
-        eye = torch.eye(d, device=mu.device)
+        eye = torch.eye(self.latent_dim, device=cov.device)
         scale, info = torch.linalg.cholesky_ex(cov + 1e-4 * eye)
         self.mix_scale.copy_(torch.where((info == 0)[:, None, None], scale, self.mix_scale))
+
+    def _update_prior_scale(self) -> None:
+        """The fitted Gaussian's Cholesky factor from prior_cov (a failed factorisation keeps the old one)."""
+        eye = torch.eye(self.latent_dim, device=self.prior_cov.device)
+        scale, info = torch.linalg.cholesky_ex(self.prior_cov + 1e-5 * eye)
+        self.prior_scale.copy_(torch.where(info == 0, scale, self.prior_scale))
 
 
 def check_recon_loss(value: str, allowed: tuple[str, ...] = RECON_LOSSES) -> None:
@@ -351,6 +423,9 @@ class VAEFamily(_AutoencoderFamily):
         vae = getattr(nets.G, "module", nets.G)  # under DDP
         return vae_adversarial_step(nets.G, nets.D, nets.opt_g, nets.opt_d, real, ctx, o.beta, o.recon_loss,
                                     o.adversarial_weight, vae.decoder.net[-1].weight, labels, ADVERSARIAL_AUGMENT)
+
+    def fit_to_data(self, model: nn.Module, batches, all_reduce) -> None:
+        model.refit_prior(batches, all_reduce)
 
     def sample(self, model: nn.Module, z: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
         return model.sample(z, labels)

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel
@@ -190,6 +191,12 @@ class Engine:
             if self.ema is not None:
                 self._update_ema()
         return out
+
+    def fit_to_data(self, batches) -> None:
+        """Every worker, before a checkpoint: the family fits what it derives from the training data
+        (a VAE's prior) to the served module, summing over the workers (ModelFamily.fit_to_data)."""
+        group = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        self.family.fit_to_data(self.served_module(), batches, dist.all_reduce if group else lambda t: None)
 
     def _step(self, real: torch.Tensor, cond: torch.Tensor | None, update_g: bool) -> dict[str, torch.Tensor]:
         nets = TrainNets(self.G, self.D, self.opt_g, self.opt_d, self.cfg.model, self.cfg.train)

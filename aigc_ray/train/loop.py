@@ -80,6 +80,13 @@ class ShardBatches:
                 self.first_images = seen[:GRID_SIDE * GRID_SIDE].clone()
             yield images, labels
 
+    def in_memory(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The whole shard in a fixed order, in batches, once it is held in memory (nothing before:
+        a streamed shard cannot be read a second time while an epoch is streaming it)."""
+        if self.cached is not None:
+            images, labels = self.cached
+            yield from zip(images.split(self.batch_size), labels.split(self.batch_size))
+
     def _epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if self.cached is not None:
             images, labels = self.cached
@@ -183,6 +190,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     def report(metrics: dict, epoch: int, batch_in_epoch: int, with_checkpoint: bool, validate: bool = False) -> None:
         # [4] report: every worker calls it (a barrier); rank 0 attaches the checkpoint, and
         # asks for it to be evaluated by a separate Ray task (train/validation.py) while we train on
+        if with_checkpoint:  # every worker (a collective): refit what the family derives from the data
+            engine.fit_to_data(batches.in_memory)
         if rank != 0 or not with_checkpoint:
             ray.train.report(metrics)
             return
