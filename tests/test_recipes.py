@@ -251,6 +251,27 @@ def test_the_engine_trains_at_the_scaled_rates_and_a_resume_keeps_the_config_as_
     assert again.opt_g.param_groups[0]["lr"] == pytest.approx(4e-4)
 
 
+def test_the_engine_steps_by_the_progress_the_loop_sets(tmp_path):
+    """A schedule a family keys on progress (the VAE's adversarial_start) follows Engine.set_progress,
+    which the training loop calls at each epoch's start with the fraction of epochs done."""
+    from conftest import tiny_config
+
+    from aigc_ray.train.engine import Engine
+
+    cfg = tiny_config(tmp_path, "vae", **{"model.options.adversarial_weight": 0.5,
+                                          "model.options.adversarial_start": 0.5, "train.lr_d": 1e-3})
+    engine = Engine(cfg, torch.device("cpu"))
+    images, labels = torch.randint(0, 256, (8, 1, 8, 8), dtype=torch.uint8), torch.zeros(8, dtype=torch.long)
+    moved = []
+    for progress in (0.0, 0.5):
+        engine.set_progress(progress)
+        before = [p.detach().clone() for p in engine.D.parameters()]
+        out = engine.train_batch(images, labels)
+        moved.append((any(not torch.equal(a, b) for a, b in zip(before, engine.D.parameters())),
+                      float(out["adversarial_lambda"]) > 0))
+    assert moved == [(False, False), (True, True)]
+
+
 def test_conditional_vae_mixture_fits_each_class_apart_and_samples_the_asked_class():
     from aigc_ray.models.vae import VAE
 
@@ -363,3 +384,80 @@ def test_vae_adversarial_term_trains_a_discriminator_on_reconstructions_and_size
     for bad in (-0.1, 11, "x"):
         with pytest.raises(ConfigError, match="model.options.adversarial_weight"):
             ModelConfig(family="vae", options={"adversarial_weight": bad})
+
+
+def test_vae_adversarial_term_on_samples_shows_the_discriminator_prior_draws_of_the_batch_classes():
+    from aigc_ray.config import ExperimentConfig
+    from aigc_ray.models.steps import vae_adversarial_step
+
+    def build(fakes):
+        cfg = ExperimentConfig.from_dict({"data": {"image_size": 8}, "model": {
+            "family": "vae", "image_size": 8, "latent_dim": 4, "width": 8, "num_classes": 2,
+            "options": {"prior": "mixture", "mixture_components": 2, "adversarial_weight": 0.5,
+                        "adversarial_fakes": fakes}}})
+        torch.manual_seed(0)
+        return cfg, *get_family("vae").build(cfg.model)
+
+    real, labels = torch.rand(6, 1, 8, 8) * 2 - 1, torch.tensor([0, 1, 1, 1, 0, 1])
+    shown = {}
+    for fakes in ("reconstructions", "samples"):
+        cfg, G, D = build(fakes)
+        seen = []
+        D.register_forward_pre_hook(lambda _, args: seen.append((args[0].detach().clone(), args[1].clone())))
+        torch.manual_seed(3)
+        out = vae_adversarial_step(G, D, torch.optim.SGD(G.parameters(), 0.0), torch.optim.SGD(D.parameters(), 0.0),
+                                   real, StepContext(), 0.25, "sigma", 0.5, G.decoder.net[-1].weight, labels,
+                                   (), fakes)
+        assert all(torch.isfinite(v) for v in out.values()) and out["adversarial_lambda"] > 0
+        real_seen, fake_seen = seen[0], seen[1]  # D(real), then D(fake.detach())
+        assert torch.equal(real_seen[0], real) and torch.equal(fake_seen[1], labels)
+        shown[fakes] = fake_seen[0]
+        # what the forward drew: the reparameterisation's noise, then the prior's standard normal
+        torch.manual_seed(3)
+        torch.randn(6, 4)
+        z = torch.randn(6, 4)
+        with torch.no_grad():
+            draws = G.decode(G.prior_latents(z, labels), labels)  # train mode: the same BatchNorm statistics
+            recons = torch.sigmoid(G(real, labels)[0]) * 2 - 1
+        if fakes == "samples":
+            assert torch.allclose(shown[fakes], draws, atol=1e-5)
+        else:
+            assert not torch.allclose(shown[fakes], draws, atol=1e-2)
+    assert not torch.allclose(shown["samples"], shown["reconstructions"], atol=1e-2)
+    # the trainer's step uses the option; a bad value is refused
+    cfg, G, D = build("samples")
+    nets = TrainNets(G, D, torch.optim.Adam(G.parameters(), 1e-3), torch.optim.Adam(D.parameters(), 1e-3),
+                     cfg.model, cfg.train)
+    before = [p.detach().clone() for p in D.parameters()]
+    out = get_family("vae").train_step(nets, real, labels, StepContext(), True)
+    assert all(torch.isfinite(v) for v in out.values())
+    assert all(not torch.equal(a, b) for a, b in zip(before, D.parameters()) if a.numel() > 1)
+    for bad in ("prior", "", 1):
+        with pytest.raises(ConfigError, match="model.options.adversarial_fakes"):
+            ModelConfig(family="vae", options={"adversarial_fakes": bad})
+
+
+def test_vae_adversarial_start_keeps_the_discriminator_out_until_that_fraction_of_training():
+    from aigc_ray.config import ExperimentConfig
+
+    cfg = ExperimentConfig.from_dict({"data": {"image_size": 8}, "model": {
+        "family": "vae", "image_size": 8, "latent_dim": 4, "width": 8,
+        "options": {"adversarial_weight": 0.5, "adversarial_fakes": "samples", "adversarial_start": 0.5}}})
+    family = get_family("vae")
+    torch.manual_seed(0)
+    G, D = family.build(cfg.model)
+    real = torch.rand(4, 1, 8, 8) * 2 - 1
+    phases = []
+    for progress in (0.0, 0.25, 0.5, 0.75):
+        assert family.step_phase(cfg.model, progress) == (progress >= 0.5)
+        nets = TrainNets(G, D, torch.optim.Adam(G.parameters(), 1e-3), torch.optim.Adam(D.parameters(), 1e-3),
+                         cfg.model, cfg.train, progress)
+        before = [p.detach().clone() for p in D.parameters()]
+        out = family.train_step(nets, real, None, StepContext(), True)
+        assert set(out) == family.train_metrics | family.adversarial_metrics  # the same keys in every phase
+        d_moved = any(not torch.equal(a, b) for a, b in zip(before, D.parameters()))
+        phases.append((d_moved, float(out["adversarial_lambda"]) > 0))
+    assert phases == [(False, False), (False, False), (True, True), (True, True)]
+    for bad in (-0.1, 1, 1.5, "x"):
+        with pytest.raises(ConfigError, match="model.options.adversarial_start"):
+            ModelConfig(family="vae", options={"adversarial_start": bad})

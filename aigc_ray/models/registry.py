@@ -49,6 +49,7 @@ class TrainNets:
     opt_d: torch.optim.Optimizer | None
     model: Any  # aigc_ray.config.ModelConfig (its .opts is this family's Options)
     train: Any  # aigc_ray.config.TrainConfig
+    progress: float = 0.0  # the fraction of training done when this epoch began, in [0, 1)
 
 
 class ModelFamily:
@@ -104,6 +105,11 @@ class ModelFamily:
         families update D every batch and G every train.critic_steps). Returns detached scalar
         tensors named as in ``train_metrics`` (no device sync)."""
         raise NotImplementedError
+
+    def step_phase(self, model_cfg, progress: float) -> Any:
+        """What ``train_step`` does differently at ``progress`` (TrainNets.progress), as a hashable
+        value: a captured CUDA-graph step is reused only within one phase. Default: one phase."""
+        return None
 
     def fit_to_data(self, model: nn.Module, batches: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]],
                     all_reduce: Callable[[torch.Tensor], None]) -> None:

@@ -173,12 +173,13 @@ def hinge_step(G: nn.Module, D: nn.Module, opt_g, opt_d, real: torch.Tensor, lab
 
 
 def _elbo_terms(model: nn.Module, real: torch.Tensor, labels: torch.Tensor | None, ctx: StepContext,
-                recon_loss: str, variational: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(reconstruction logits (N, C, S, S), -log p(x|z) per image, KL per image; 0 when not variational)."""
+                recon_loss: str, variational: bool, with_samples: bool = False) -> tuple[torch.Tensor, ...]:
+    """(reconstruction logits (N, C, S, S), -log p(x|z) per image, KL per image; 0 when not variational)
+    [+ the logits (N, C, S, S) of N prior draws of the labels' classes, with ``with_samples``]."""
     n = real.shape[0]
     target = (real + 1) / 2  # pixels in [0, 1]
     with ctx.cast():
-        logits, mu, logvar = model(real, labels)
+        logits, mu, logvar, *drawn = model(real, labels, with_samples=True) if with_samples else model(real, labels)
     logits, mu, logvar = logits.float(), mu.float(), logvar.float()
     if recon_loss == "bce":
         recon = F.binary_cross_entropy_with_logits(logits, target, reduction="sum") / n
@@ -191,7 +192,7 @@ def _elbo_terms(model: nn.Module, real: torch.Tensor, labels: torch.Tensor | Non
     else:
         recon = F.mse_loss(torch.sigmoid(logits), target, reduction="sum") / n
     kl = (-0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).sum()) / n if variational else torch.zeros((), device=real.device)
-    return logits, recon, kl
+    return (logits, recon, kl, drawn[0].float()) if with_samples else (logits, recon, kl)
 
 
 def vae_step(model: nn.Module, opt, real: torch.Tensor, ctx: StepContext, beta: float,
@@ -213,19 +214,25 @@ def vae_step(model: nn.Module, opt, real: torch.Tensor, ctx: StepContext, beta: 
 
 def vae_adversarial_step(model: nn.Module, D: nn.Module, opt, opt_d, real: torch.Tensor, ctx: StepContext,
                          beta: float, recon_loss: str, adversarial_weight: float, last_layer: torch.Tensor,
-                         labels: torch.Tensor | None = None, augment: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
-    """The VAE's negative ELBO plus a hinge adversarial term on its reconstructions (VAE-GAN, Larsen
-    et al. 2016, weighted as in VQGAN, Esser et al. 2021).
+                         labels: torch.Tensor | None = None, augment: tuple[str, ...] = (),
+                         fakes: str = "reconstructions") -> dict[str, torch.Tensor]:
+    """The VAE's negative ELBO plus a hinge adversarial term on its reconstructions or on its samples
+    (VAE-GAN, Larsen et al. 2016, weighted as in VQGAN, Esser et al. 2021).
 
     D (hinge, on DiffAugmented images): E[relu(1 - D(T(x)))] + E[relu(1 + D(T(x')))], x' the
-    reconstruction of x from a sampled z. The model: ELBO - lambda * E[D(T(x'))], with
-    lambda = adversarial_weight * ||grad_w recon|| / ||grad_w adv|| at ``last_layer`` (the decoder's
+    reconstruction of x from a sampled z (``fakes="reconstructions"``) or the decoded draw of the
+    sampling prior for x's class (``fakes="samples"``: what `generate` makes, so the decoder is also
+    trained between the encodings, where the prior's draws land). The model: ELBO - lambda * E[D(T(x'))],
+    with lambda = adversarial_weight * ||grad_w recon|| / ||grad_w adv|| at ``last_layer`` (the decoder's
     output weight): the term is sized against the reconstruction loss whatever the likelihood's
     scale, and pushes towards edges the data has where a Gaussian or Bernoulli mean blurs them.
     """
     aug = augmenter(augment)
-    logits, recon, kl = _elbo_terms(model, real, labels, ctx, recon_loss, variational=True)
-    fake = torch.sigmoid(logits) * 2 - 1  # (N, C, S, S) in [-1, 1]
+    if fakes == "samples":
+        _, recon, kl, fake_logits = _elbo_terms(model, real, labels, ctx, recon_loss, True, with_samples=True)
+    else:
+        fake_logits, recon, kl = _elbo_terms(model, real, labels, ctx, recon_loss, variational=True)
+    fake = torch.sigmoid(fake_logits) * 2 - 1  # (N, C, S, S) in [-1, 1]
     with ctx.cast():
         d_real, d_fake = D(aug(real), labels), D(aug(fake.detach()), labels)
         loss_d = F.relu(1 - d_real.float()).mean() + F.relu(1 + d_fake.float()).mean()

@@ -23,6 +23,7 @@ MAX_MIXTURE_FLOATS = 2**25  # mix_outer and mix_scale, (C*K, d, d) each: 128 MiB
 PRIORS = ("standard", "fitted", "mixture")
 PRIOR_MOMENTUM = 0.02  # per training batch: the fitted prior averages over the last ~50 batches
 PRIOR_REFIT_ITERATIONS = 10  # hard-EM passes over the shard's encodings when a checkpoint is written
+ADVERSARIAL_FAKES = ("reconstructions", "samples")  # what that discriminator is shown as fake
 ADVERSARIAL_AUGMENT = ("translation",)  # what the adversarial term's discriminator sees real and fake through
 
 
@@ -165,11 +166,16 @@ class VAE(nn.Module):
     def sample(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """Standard-normal latents (N, latent_dim) [+ labels (N,)] -> images in [-1, 1], through the
         fitted prior if any."""
+        return self.decode(self.prior_latents(z, labels), labels)
+
+    def prior_latents(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Standard-normal (N, latent_dim) [+ labels (N,)] -> draws of the sampling prior (N, latent_dim):
+        the fitted Gaussian, the mixture (of the labels' classes), or z itself."""
         if self.fitted_prior:
-            z = self.prior_mean + z @ self.prior_scale.T
-        elif self.mixture_components:
-            z = self._mixture_latents(z, labels)
-        return self.decode(z, labels)
+            return self.prior_mean + z @ self.prior_scale.T
+        if self.mixture_components:
+            return self._mixture_latents(z, labels)
+        return z
 
     def _classes(self, labels: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor:
         """(N,) each row's class: the labels when conditional, else 0 (the one class of the mixture)."""
@@ -255,16 +261,22 @@ class VAE(nn.Module):
         self.mix_outer.copy_(s2)
         self._update_mixture_scales()
 
-    def forward(self, images: torch.Tensor, labels: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Return (reconstruction logits, mu, logvar); z is sampled by reparameterisation."""
+    def forward(self, images: torch.Tensor, labels: torch.Tensor | None = None, with_samples: bool = False
+                ) -> tuple[torch.Tensor, ...]:
+        """Return (reconstruction logits, mu, logvar); z is sampled by reparameterisation. With
+        ``with_samples``, also the logits (N, C, S, S) of N draws of the sampling prior (of the labels'
+        classes), decoded in the same forward so that data-parallel training syncs their gradients."""
         mu, logvar = self.encode(images)
         if self.fitted_prior and self.training:
             self._track_prior(mu.detach().float(), logvar.detach().float())
         elif self.mixture_components and self.training:
             self._track_mixture(mu.detach().float(), logvar.detach().float(), labels)
         z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar) if self.variational else mu
-        return self.decode_logits(z, labels), mu, logvar
+        logits = self.decode_logits(z, labels)
+        if not with_samples:
+            return logits, mu, logvar
+        # decoded apart from the reconstructions: one batch of both would mix their BatchNorm statistics
+        return logits, mu, logvar, self.decode_logits(self.prior_latents(torch.randn_like(mu), labels), labels)
 
     @torch.no_grad()
     def _track_prior(self, mu: torch.Tensor, logvar: torch.Tensor) -> None:
@@ -353,8 +365,16 @@ class VAEOptions:
     reconstructions from training images (hinge loss, on DiffAugment's translation), and
     the VAE's loss gains -weight * lambda * D(reconstruction), lambda sizing the term against the
     reconstruction loss at the decoder's last layer (VQGAN's adaptive weight). Meant to sharpen what a
-    pixel likelihood blurs (corners); on the shapes it did not, at 3.5x the time per epoch (see
-    bench/results/recipes-issue11.md). The discriminator learns at train.lr_d. 0: no discriminator."""
+    pixel likelihood blurs (corners); on the shapes' reconstructions it did not, at 3.5x the time per epoch
+    (bench/results/recipes-issue11.md); on the samples (adversarial_fakes) it is what dcgan-shapes uses.
+    The discriminator learns at train.lr_d. 0: no discriminator."""
+    adversarial_fakes: str = "reconstructions"
+    """What the discriminator of adversarial_weight is shown as fake: "reconstructions" of the batch, or
+    "samples", decoded draws of the sampling prior for the batch's classes (what `generate` makes), so
+    the decoder is also trained where the prior's draws land, between the training encodings."""
+    adversarial_start: float = 0.0
+    """The fraction of train.epochs after which the adversarial term joins (0: from the first step). Before
+    it the step is the plain ELBO's, at its cost, and the discriminator's metrics read 0."""
 
     def __post_init__(self) -> None:
         if not (isinstance(self.beta, (int, float)) and self.beta >= 0):
@@ -369,6 +389,11 @@ class VAEOptions:
             raise ConfigError(f"model.options.chroma_gain must be a number in (0, 100], got {self.chroma_gain!r}")
         if not (isinstance(self.adversarial_weight, (int, float)) and 0 <= self.adversarial_weight <= 10):
             raise ConfigError(f"model.options.adversarial_weight must be a number in [0, 10], got {self.adversarial_weight!r}")
+        if not (isinstance(self.adversarial_start, (int, float)) and 0 <= self.adversarial_start < 1):
+            raise ConfigError(f"model.options.adversarial_start must be a number in [0, 1), got {self.adversarial_start!r}")
+        if self.adversarial_fakes not in ADVERSARIAL_FAKES:
+            raise ConfigError(f"model.options.adversarial_fakes={self.adversarial_fakes!r} is unknown; use one of "
+                              f"{ADVERSARIAL_FAKES}")
 
 
 class _AutoencoderFamily(ModelFamily):
@@ -416,13 +441,21 @@ class VAEFamily(_AutoencoderFamily):
                    num_classes=m.num_classes, chroma_gain=o.chroma_gain), \
             SNDiscriminator(m.image_size, m.channels, m.width, m.num_classes) if o.adversarial_weight > 0 else None
 
+    def step_phase(self, m, progress: float) -> bool:
+        """Whether the adversarial term is on at ``progress``."""
+        return m.opts.adversarial_weight > 0 and progress >= m.opts.adversarial_start
+
     def train_step(self, nets: TrainNets, real, labels, ctx, update_g: bool) -> dict[str, torch.Tensor]:
         o = nets.model.opts
         if nets.D is None:
             return vae_step(nets.G, nets.opt_g, real, ctx, o.beta, o.recon_loss, variational=True, labels=labels)
+        if not self.step_phase(nets.model, nets.progress):
+            out = vae_step(nets.G, nets.opt_g, real, ctx, o.beta, o.recon_loss, variational=True, labels=labels)
+            return out | {k: torch.zeros((), device=real.device) for k in self.adversarial_metrics}
         vae = getattr(nets.G, "module", nets.G)  # under DDP
         return vae_adversarial_step(nets.G, nets.D, nets.opt_g, nets.opt_d, real, ctx, o.beta, o.recon_loss,
-                                    o.adversarial_weight, vae.decoder.net[-1].weight, labels, ADVERSARIAL_AUGMENT)
+                                    o.adversarial_weight, vae.decoder.net[-1].weight, labels, ADVERSARIAL_AUGMENT,
+                                    o.adversarial_fakes)
 
     def fit_to_data(self, model: nn.Module, batches, all_reduce) -> None:
         model.refit_prior(batches, all_reduce)

@@ -162,6 +162,7 @@ class Engine:
             self.ctx = StepContext(torch.autocast(device.type, dtype=dtype, cache_enabled=not fp.cuda_graphs),
                                    torch.amp.GradScaler("cuda") if fp.precision == "fp16" else None)
         self.step = 0  # batches seen (one D update each for GANs)
+        self.progress = 0.0  # the fraction of training done when this epoch began (set_progress)
         self.g_steps = 0
         self.aug_generator = torch.Generator().manual_seed(t.seed + 1)
         self._graphs: dict[tuple, _Captured] = {}
@@ -199,7 +200,7 @@ class Engine:
         self.family.fit_to_data(self.served_module(), batches, dist.all_reduce if group else lambda t: None)
 
     def _step(self, real: torch.Tensor, cond: torch.Tensor | None, update_g: bool) -> dict[str, torch.Tensor]:
-        nets = TrainNets(self.G, self.D, self.opt_g, self.opt_d, self.cfg.model, self.cfg.train)
+        nets = TrainNets(self.G, self.D, self.opt_g, self.opt_d, self.cfg.model, self.cfg.train, self.progress)
         return self.family.train_step(nets, real, cond, self.ctx, update_g)
 
     def _update_ema(self) -> None:
@@ -217,7 +218,7 @@ class Engine:
 
     # --- CUDA graphs --------------------------------------------------------------------
     def _graphed_step(self, real, cond, update_g: bool) -> dict[str, torch.Tensor]:
-        key = (update_g, tuple(real.shape))
+        key = (update_g, tuple(real.shape), self.family.step_phase(self.cfg.model, self.progress))
         captured = self._graphs.get(key)
         if captured is None:
             done = self._warmups.get(key, 0)
@@ -289,6 +290,11 @@ class Engine:
         graph, which reads it at every replay (a float would be baked into the graph), so that
         set_lr_scale() reaches the captured step."""
         return torch.tensor(lr, device=self.device) if self.fast_path.cuda_graphs else lr
+
+    def set_progress(self, progress: float) -> None:
+        """The fraction of training done, from now on (what a family's step may schedule on:
+        ModelFamily.step_phase)."""
+        self.progress = float(progress)
 
     def set_lr_scale(self, scale: float) -> None:
         """Train at ``scale`` times the config's learning rates from now on (see lr_scale)."""

@@ -234,7 +234,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         # epoch's per-epoch costs (artifacts, report barrier, checkpoint upload)
         count, images_seen = 0, 0
         done = False
-        engine.set_lr_scale(lr_scale(epoch / loop_config["schedule_epochs"], t.lr_decay_start))
+        engine.set_progress(epoch / loop_config["schedule_epochs"])
+        engine.set_lr_scale(lr_scale(engine.progress, t.lr_decay_start))
         for i, (x, y) in enumerate(batches.epoch(epoch)):
             if epoch == start_epoch and i < skip_batches:
                 continue  # already trained on before the checkpoint we resumed from
