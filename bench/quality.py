@@ -40,7 +40,8 @@ CONFIGS = {"seed-recipe": "seed-recipe", "default": "dcgan-{d}", "dcgan": "dcgan
 OLD_DEFAULT = {"model.family": "dcgan", "model.options.diffaugment": "", "train.lr_g": 2e-4, "train.lr_d": 2e-4,
                "train.beta1": 0.5, "train.beta2": 0.999}
 # on shapes the shipped config is now a VAE: what the old dcgan-shapes set besides the family
-OLD_SHAPES = {"model.latent_dim": 64, "model.width": 32, "data.horizontal_flip": True, "train.ema_decay": 0.999}
+OLD_SHAPES = {"model.latent_dim": 64, "model.width": 32, "data.horizontal_flip": True, "train.ema_decay": 0.999,
+              "train.lr_decay_start": 1.0}
 SHAPES_DATA = {"data.dataset": "shapes", "data.image_size": 32, "data.channels": 3, "data.rotation_degrees": 0.0,
                "data.horizontal_flip": True, "model.image_size": 32, "model.channels": 3}
 REPORTED = ("fid", "fid_floor", "fid_ratio", "kid", "kid_floor", "precision", "recall", "inception_score",
