@@ -114,7 +114,8 @@ def run_variant(name: str, base: str, overrides: dict, steps: int, seconds: floa
                 real = augment_batch(real, random_crop=d.random_crop, rotation_degrees=d.rotation_degrees,
                                      scale_range=d.scale_range, horizontal_flip=d.horizontal_flip, generator=aug_gen)
             batches += 1
-            scale = lr_scale(g_steps / steps, t.lr_decay_start)  # per step here, per epoch in the engine's loop
+            nets.progress = g_steps / steps  # per step here, per epoch in the engine's loop
+            scale = lr_scale(nets.progress, t.lr_decay_start)
             set_learning_rate(opt_g, t.lr_g * scale)
             set_learning_rate(opt_d, t.lr_d * scale)
             update_g = batches % t.critic_steps == 0 or not family.capabilities.adversarial
