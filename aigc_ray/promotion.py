@@ -144,6 +144,7 @@ def compare_cards(current: dict[str, Any], candidate: dict[str, Any], metric: st
     promote = beyond_noise and gain >= min_gain
     direction = "lower" if lower else "higher"
     verdict = ("meets the required" if promote else "below the required" if beyond_noise else
+               "worse beyond noise (its interval is entirely below 0), whatever" if hi < 0 else
                "within noise (its interval reaches 0), whatever")
     reason = (f"{metric} {cand:.4g}{_interval(candidate, metric)} vs served {cur:.4g}{_interval(current, metric)} "
               f"({direction} is better): {'better' if gain > 0 else 'not better'} by {gain:+.1%} "
@@ -328,7 +329,8 @@ def compare_text_cards(current: dict[str, Any], candidate: dict[str, Any], min_g
     beyond_noise = d["hi"] < 0
     promote = beyond_noise and gain >= min_gain
     verdict = (f"meets the required {min_gain:.1%}" if promote else f"below the required {min_gain:.1%}"
-               if beyond_noise else "within noise or worse: that interval is not entirely below 0")
+               if beyond_noise else "worse beyond noise: that interval is entirely above 0" if d["lo"] > 0
+               else "within noise: that interval reaches 0")
     reason = (f"val_bpb {_bpb(candidate)} vs served {_bpb(current)} (bits/byte, lower is better): "
               f"{'better' if gain > 0 else 'not better'} by {gain:+.1%}; candidate - served {d['mean']:+.4f} "
               f"[{d['lo']:+.4f}, {d['hi']:+.4f}] bits/byte paired over {d['blocks']} validation blocks; {verdict}")

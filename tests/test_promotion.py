@@ -52,6 +52,8 @@ def test_better_by_the_margin_is_promoted_worse_or_marginal_is_refused():
     assert not v.promote and v.gain == pytest.approx(0.025) and "below the required 5.0%" in v.reason
     v = compare_cards(card(20.0), card(25.0))
     assert not v.promote and v.gain < 0 and "not better" in v.reason
+    # worse on every draw: said so, not called noise
+    assert v.gain_interval[1] < 0 and "worse beyond noise" in v.reason and "within noise" not in v.reason
     assert compare_cards(card(20.0), card(19.5), min_gain=0.0).promote
     # higher-is-better metric: the direction flips
     hi, lo = card(20.0), card(20.0)
@@ -268,7 +270,9 @@ def test_text_gate_pairs_the_blocks_and_needs_an_interval_below_zero_and_the_gai
     # 8% better on average, but half the blocks got worse: the interval reaches above 0
     mixed = tcard([b + (0.5 if i % 2 else -0.87) for i, b in enumerate(BLOCKS)])
     v = compare_text_cards(served, mixed, min_gain=0.0)
-    assert not v.promote and v.gain > 0.05 and "within noise or worse" in v.reason
+    assert not v.promote and v.gain > 0.05 and "within noise: that interval reaches 0" in v.reason
+    worse = compare_text_cards(served, tcard([b + 0.25 + w for b, w in zip(BLOCKS, wiggle)]))  # worse on every block
+    assert not worse.promote and "worse beyond noise" in worse.reason and "within noise" not in worse.reason
     s, m = served["metrics"], mixed["metrics"]  # both models' bits/byte with their intervals
     assert f"{s['val_bpb']:.4f} [{s['val_bpb_lo']:.4f}, {s['val_bpb_hi']:.4f}]" in v.reason
     assert f"{m['val_bpb']:.4f} [{m['val_bpb_lo']:.4f}, {m['val_bpb_hi']:.4f}]" in v.reason
