@@ -33,8 +33,7 @@ def pickled_parquet(path, marker, rows: int = 4) -> None:
     """An `image` column of Ray Data's pickled-object extension type whose cells run code."""
     import pickle
 
-    import ray.data  # noqa: F401  (registers the extension type)
-    from ray.air.util.object_extensions.arrow import ArrowPythonObjectType
+    from ray.data.extensions import ArrowPythonObjectType  # importing ray.data registers the extension type
 
     kind = ArrowPythonObjectType()
     cells = pa.array([pickle.dumps(_RunsCode(marker))] * rows, kind.storage_type)
